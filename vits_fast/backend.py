@@ -1,0 +1,117 @@
+"""Backend switch: the reference PyTorch path or the fused Triton kernels.
+
+The backend is resolved at call time, most specific first:
+
+1. a per-module override (``module.backend = "triton"`` or :func:`set_module_backend`),
+2. the innermost ``with vits_fast.backend(name):`` block (thread-local),
+3. the ``VITS_FAST_BACKEND`` environment variable,
+4. ``"auto"``.
+
+``auto`` uses Triton only when every tensor involved is on CUDA and Triton imports. ``reference`` never uses
+it. ``triton`` insists: where Triton cannot run it raises :class:`BackendError` instead of falling back
+silently. CPU tensors run Triton only under the interpreter (``TRITON_INTERPRET=1``, set before Triton is
+imported), which is how the test-suite checks kernels on machines without a GPU. ONNX export, TorchScript
+and tracing always take the reference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+BACKENDS = ("auto", "reference", "triton")
+ENV_VAR = "VITS_FAST_BACKEND"
+
+_local = threading.local()
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run here (Triton missing, or tensors it cannot handle)."""
+
+
+def _check(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend set by the innermost context manager, else ``$VITS_FAST_BACKEND``, else ``"auto"``."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run the enclosed code with backend ``name`` (``auto``, ``reference`` or ``triton``)."""
+    _check(name, "vits_fast.backend")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def set_module_backend(module: nn.Module, name: Optional[str]) -> nn.Module:
+    """Pin ``module`` and all its submodules to backend ``name`` (``None`` clears the override)."""
+    if name is not None:
+        _check(name, "set_module_backend")
+    for m in module.modules():
+        m.backend = name
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    """True when ``import triton`` works."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _exporting() -> bool:
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and onnx.is_in_onnx_export())
+
+
+def use_triton(*tensors: torch.Tensor, module: Optional[nn.Module] = None) -> bool:
+    """Decide whether a fused op runs its Triton kernel for these tensors.
+
+    Returns ``False`` for the reference path. Raises :class:`BackendError` when ``triton`` was asked for
+    and cannot run (Triton not importable, or CPU tensors without the interpreter).
+    """
+    name = getattr(module, "backend", None) if module is not None else None
+    name = _check(name, f"{type(module).__name__}.backend") if name is not None else current_backend()
+    if name == "reference" or _exporting():
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if name == "auto":
+        return on_cuda and triton_importable()
+    if not triton_importable():
+        raise BackendError("backend 'triton' was requested but `import triton` fails; install triton "
+                           "or use backend 'auto'/'reference'")
+    if not on_cuda and not interpreter_enabled():
+        devices = sorted({str(t.device) for t in tensors})
+        raise BackendError(f"backend 'triton' needs CUDA tensors, got tensors on {devices}; move the model "
+                           "to a GPU, set TRITON_INTERPRET=1 (slow, for testing) or use backend 'auto'")
+    return True
