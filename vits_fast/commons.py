@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
@@ -9,6 +10,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+def stage(name: str):
+    """A ``torch.profiler`` range named ``vits.<name>`` around one VITS stage (nothing while exporting/tracing)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(f"vits.{name}")
 
 
 # --- weight norm -------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from . import attentions, commons, modules
 from .backend import current_backend, use_triton
-from .commons import get_padding, init_weights, remove_weight_norm, spectral_norm, weight_norm
+from .commons import get_padding, init_weights, remove_weight_norm, spectral_norm, stage, weight_norm
 from .monotonic_align import maximum_path
 
 
@@ -518,13 +518,15 @@ class SynthesizerTrn(nn.Module):
         """
         self._check_text(x, x_lengths)
         self._check_spec(y, y_lengths, x.size(0))
-        x, m_p, logs_p, x_mask = self.enc_p(x, x_lengths)
-        g = self._speaker(sid, x.size(0))
+        with stage("text_encoder"):
+            x, m_p, logs_p, x_mask = self.enc_p(x, x_lengths)
+            g = self._speaker(sid, x.size(0))
+        with stage("posterior_encoder"):
+            z, m_q, logs_q, y_mask = self.enc_q(y, y_lengths, g=g)
+        with stage("flow"):
+            z_p = self.flow(z, y_mask, g=g)
 
-        z, m_q, logs_q, y_mask = self.enc_q(y, y_lengths, g=g)
-        z_p = self.flow(z, y_mask, g=g)
-
-        with torch.no_grad():
+        with torch.no_grad(), stage("alignment_search"):
             # log N(z_p; m_p, exp(logs_p)) for every (frame, token) pair, summed over channels: [b, t_y, t_x]
             s_p_sq_r = torch.exp(-2 * logs_p)  # [b, d, t_x]
             neg_cent1 = torch.sum(-0.5 * math.log(2 * math.pi) - logs_p, [1], keepdim=True)  # [b, 1, t_x]
@@ -536,21 +538,23 @@ class SynthesizerTrn(nn.Module):
             attn_mask = torch.unsqueeze(x_mask, 2) * torch.unsqueeze(y_mask, -1)
             attn = maximum_path(neg_cent, attn_mask.squeeze(1)).unsqueeze(1).detach()
 
-        w = attn.sum(2)
-        if self.use_sdp:
-            l_length = self.dp(x, x_mask, w, g=g) / torch.sum(x_mask)
-        else:
-            logw_ = torch.log(w + 1e-6) * x_mask
-            logw = self.dp(x, x_mask, g=g)
-            l_length = torch.sum((logw - logw_) ** 2, [1, 2]) / torch.sum(x_mask)
+        with stage("duration_predictor"):
+            w = attn.sum(2)
+            if self.use_sdp:
+                l_length = self.dp(x, x_mask, w, g=g) / torch.sum(x_mask)
+            else:
+                logw_ = torch.log(w + 1e-6) * x_mask
+                logw = self.dp(x, x_mask, g=g)
+                l_length = torch.sum((logw - logw_) ** 2, [1, 2]) / torch.sum(x_mask)
 
         # expand the prior to frame rate
         m_p = torch.matmul(attn.squeeze(1), m_p.transpose(1, 2)).transpose(1, 2)
         logs_p = torch.matmul(attn.squeeze(1), logs_p.transpose(1, 2)).transpose(1, 2)
 
-        z_slice, ids_slice = commons.rand_slice_segments(z, y_lengths, self.segment_size,
-                                                         rng_device=_rng_device(self, z))
-        o = self.dec(z_slice, g=g)
+        with stage("decoder"):
+            z_slice, ids_slice = commons.rand_slice_segments(z, y_lengths, self.segment_size,
+                                                             rng_device=_rng_device(self, z))
+            o = self.dec(z_slice, g=g)
         return o, l_length, attn, ids_slice, x_mask, y_mask, (z, z_p, m_p, logs_p, m_q, logs_q)
 
     def infer(self, x: torch.Tensor, x_lengths: torch.Tensor, sid: Optional[torch.Tensor] = None,
@@ -563,26 +567,30 @@ class SynthesizerTrn(nn.Module):
         ``y_mask.sum() * hop`` samples is silence. For a batch of one this is upstream's result exactly; upstream
         lets the padding of shorter items leak into their last samples."""
         self._check_text(x, x_lengths)
-        x, m_p, logs_p, x_mask = self.enc_p(x, x_lengths)
-        g = self._speaker(sid, x.size(0))
+        with stage("text_encoder"):
+            x, m_p, logs_p, x_mask = self.enc_p(x, x_lengths)
+            g = self._speaker(sid, x.size(0))
 
-        if self.use_sdp:
-            logw = self.dp(x, x_mask, g=g, reverse=True, noise_scale=noise_scale_w)
-        else:
-            logw = self.dp(x, x_mask, g=g)
-        w = torch.exp(logw) * x_mask * length_scale
-        w_ceil = torch.ceil(w)
-        y_lengths = torch.clamp_min(torch.sum(w_ceil, [1, 2]), 1).long()
-        y_mask = torch.unsqueeze(commons.sequence_mask(y_lengths, y_lengths.max()), 1).type_as(x_mask)
-        attn_mask = torch.unsqueeze(x_mask, 2) * torch.unsqueeze(y_mask, -1)
-        attn = commons.generate_path(w_ceil, attn_mask)
+        with stage("duration_predictor"):
+            if self.use_sdp:
+                logw = self.dp(x, x_mask, g=g, reverse=True, noise_scale=noise_scale_w)
+            else:
+                logw = self.dp(x, x_mask, g=g)
+            w = torch.exp(logw) * x_mask * length_scale
+            w_ceil = torch.ceil(w)
+            y_lengths = torch.clamp_min(torch.sum(w_ceil, [1, 2]), 1).long()
+            y_mask = torch.unsqueeze(commons.sequence_mask(y_lengths, y_lengths.max()), 1).type_as(x_mask)
+            attn_mask = torch.unsqueeze(x_mask, 2) * torch.unsqueeze(y_mask, -1)
+            attn = commons.generate_path(w_ceil, attn_mask)
 
         m_p = torch.matmul(attn.squeeze(1), m_p.transpose(1, 2)).transpose(1, 2)  # [b, d, t_y]
         logs_p = torch.matmul(attn.squeeze(1), logs_p.transpose(1, 2)).transpose(1, 2)  # [b, d, t_y]
 
-        z_p = m_p + torch.randn_like(m_p) * torch.exp(logs_p) * noise_scale
-        z = self.flow(z_p, y_mask, g=g, reverse=True)
-        o = self.dec((z * y_mask)[:, :, :max_len], g=g, x_mask=y_mask[:, :, :max_len])
+        with stage("flow"):
+            z_p = m_p + torch.randn_like(m_p) * torch.exp(logs_p) * noise_scale
+            z = self.flow(z_p, y_mask, g=g, reverse=True)
+        with stage("decoder"):
+            o = self.dec((z * y_mask)[:, :, :max_len], g=g, x_mask=y_mask[:, :, :max_len])
         return o, attn, y_mask, (z, z_p, m_p, logs_p)
 
     def voice_conversion(self, y: torch.Tensor, y_lengths: torch.Tensor, sid_src: torch.Tensor,

@@ -1,0 +1,81 @@
+"""The backend switch: precedence, validation, and refusing to run Triton where it cannot."""
+
+import importlib
+
+import pytest
+import torch
+
+import vits_fast
+
+# `vits_fast.backend` is the context manager; the module behind it:
+B = importlib.import_module("vits_fast.backend")
+from vits_fast.modules import WN
+
+
+def test_precedence_env_context_module(monkeypatch):
+    monkeypatch.setenv(B.ENV_VAR, "reference")
+    assert B.current_backend() == "reference"
+    with vits_fast.backend("triton"):
+        assert B.current_backend() == "triton"
+        with vits_fast.backend("auto"):
+            assert B.current_backend() == "auto"
+        assert B.current_backend() == "triton"
+    assert B.current_backend() == "reference"
+
+    wn = WN(4, 3, 1, 2)
+    x = torch.randn(1, 4, 5)
+    vits_fast.set_module_backend(wn, "reference")
+    with vits_fast.backend("triton"):
+        assert B.use_triton(x, module=wn) is False  # the module's own setting wins
+    vits_fast.set_module_backend(wn, None)
+    assert all(m.backend is None for m in wn.modules())
+
+
+def test_auto_keeps_cpu_tensors_on_reference(monkeypatch):
+    monkeypatch.delenv(B.ENV_VAR, raising=False)
+    assert B.current_backend() == "auto"
+    assert B.use_triton(torch.randn(3)) is False
+
+
+def test_invalid_names_are_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with vits_fast.backend("cuda"):
+            pass
+    monkeypatch.setenv(B.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="VITS_FAST_BACKEND"):
+        B.current_backend()
+    with pytest.raises(ValueError, match="set_module_backend"):
+        vits_fast.set_module_backend(torch.nn.Linear(1, 1), "gpu")
+
+
+def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with vits_fast.backend("triton"):
+        with pytest.raises(B.BackendError, match="needs CUDA tensors"):
+            B.use_triton(torch.randn(3))
+
+
+def test_triton_missing_is_an_error(monkeypatch):
+    monkeypatch.setattr(B, "triton_importable", lambda: False)
+    with vits_fast.backend("triton"):
+        with pytest.raises(B.BackendError, match="import triton"):
+            B.use_triton(torch.randn(3))
+    with vits_fast.backend("auto"):
+        assert B.use_triton(torch.randn(3)) is False
+
+
+def test_export_paths_use_reference(monkeypatch):
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    with vits_fast.backend("triton"):
+        assert B.use_triton(torch.randn(3)) is False
+
+
+def test_context_is_thread_local():
+    import threading
+
+    seen = {}
+    with vits_fast.backend("reference"):
+        t = threading.Thread(target=lambda: seen.setdefault("other", B.current_backend()))
+        t.start()
+        t.join()
+    assert seen["other"] == B.current_backend()  # the other thread never saw this thread's block
