@@ -535,8 +535,8 @@ class SynthesizerTrn(nn.Module):
             neg_cent4 = torch.sum(-0.5 * (m_p**2) * s_p_sq_r, [1], keepdim=True)  # [b, 1, t_x]
             neg_cent = neg_cent1 + neg_cent2 + neg_cent3 + neg_cent4
 
-            attn_mask = torch.unsqueeze(x_mask, 2) * torch.unsqueeze(y_mask, -1)
-            attn = maximum_path(neg_cent, attn_mask.squeeze(1)).unsqueeze(1).detach()
+            # lengths rather than a dense mask: on CUDA nothing here waits on the host
+            attn = maximum_path(neg_cent, x_lengths=x_lengths, y_lengths=y_lengths).unsqueeze(1).detach()
 
         with stage("duration_predictor"):
             w = attn.sum(2)
