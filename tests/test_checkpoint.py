@@ -1,0 +1,229 @@
+"""Safe checkpoint loading, Piper layout helpers and architecture inference."""
+
+import os
+import pathlib
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+
+from vits_fast import checkpoint as ck
+from vits_fast.config import model_kwargs, tiny_model_kwargs
+from vits_fast.models import MultiPeriodDiscriminator, SynthesizerTrn
+from vits_fast.train import shrink_discriminator
+
+
+class _RunsCommand:
+    """Pickles as a call to os.system (what a malicious checkpoint does)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class _PopenCall:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import subprocess
+
+        return (subprocess.Popen, (["sh", "-c", self.command],))
+
+
+def _fake_lightning_class():
+    """A class pickled as pytorch_lightning.utilities.parsing.AttributeDict, then made unimportable."""
+    names = ["pytorch_lightning", "pytorch_lightning.utilities", "pytorch_lightning.utilities.parsing"]
+    mods = [types.ModuleType(n) for n in names]
+
+    class AttributeDict(dict):
+        pass
+
+    class Unknown:
+        def __init__(self, value):
+            self.value = value
+
+    AttributeDict.__module__ = Unknown.__module__ = names[-1]
+    AttributeDict.__qualname__ = "AttributeDict"
+    Unknown.__qualname__ = "SomeLightningThing"
+    mods[-1].AttributeDict = AttributeDict
+    mods[-1].SomeLightningThing = Unknown
+    return names, mods, AttributeDict, Unknown
+
+
+def test_malicious_zip_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"model_g.x": torch.ones(2)}, "hyper_parameters": _RunsCommand(f"touch {marker}")}, path)
+    with pytest.raises(ck.UnsafeCheckpointError) as info:
+        ck.load_checkpoint(path)
+    assert str(path) in str(info.value) and "system" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "raw_pickle"])
+def test_malicious_legacy_and_raw_pickles_are_refused(tmp_path, fmt):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    payload = {"a": _RunsCommand(f"touch {marker}"), "b": _PopenCall(f"touch {marker}")}
+    if fmt == "legacy":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f, protocol=2)
+    with pytest.raises(ck.UnsafeCheckpointError, match="refusing to load"):
+        ck.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_subprocess_class_is_refused_not_placeholdered(tmp_path):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "popen.ckpt"
+    torch.save({"x": _PopenCall(f"touch {marker}")}, path)
+    with pytest.raises(ck.UnsafeCheckpointError, match=r"(subprocess|commands)\.Popen"):  # protocol 2 spells it commands
+        ck.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_empty_and_missing_checkpoints_give_clear_errors(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"model_g.w": torch.randn(64, 64)}, "epoch": 1}, good)
+    data = good.read_bytes()
+    for cut in (len(data) // 2, 100):
+        bad = tmp_path / f"trunc{cut}.ckpt"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ck.CheckpointError, match="truncated or corrupt") as info:
+            ck.load_checkpoint(bad)
+        assert str(bad) in str(info.value)
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"w": torch.randn(8)}, legacy, _use_new_zipfile_serialization=False)
+    cut_legacy = tmp_path / "legacy_cut.ckpt"
+    cut_legacy.write_bytes(legacy.read_bytes()[:40])
+    with pytest.raises(ck.CheckpointError, match="legacy_cut.ckpt"):
+        ck.load_checkpoint(cut_legacy)
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(ck.CheckpointError, match="empty"):
+        ck.load_checkpoint(empty)
+    with pytest.raises(ck.CheckpointError, match="does not exist"):
+        ck.load_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_lightning_dict_with_posixpath_and_unknown_classes_loads(tmp_path, monkeypatch):
+    names, mods, AttributeDict, Unknown = _fake_lightning_class()
+    for name, mod in zip(names, mods):
+        monkeypatch.setitem(sys.modules, name, mod)
+    hp = AttributeDict(num_symbols=256, dataset=[pathlib.PosixPath("/data/dataset.jsonl")], thing=Unknown(7))
+    path = tmp_path / "pl.ckpt"
+    weights = torch.randn(3, 4)
+    torch.save({"state_dict": {"model_g.enc_p.emb.weight": weights}, "hyper_parameters": hp, "epoch": 5,
+                "global_step": 100, "callbacks": {"ModelCheckpoint": {"best": pathlib.PosixPath("/x.ckpt")}}}, path)
+    for name in names:
+        monkeypatch.delitem(sys.modules, name)
+    loaded = ck.load_checkpoint(path)
+    assert "pytorch_lightning.utilities.parsing" not in sys.modules  # nothing named by the file was imported
+    torch.testing.assert_close(loaded["state_dict"]["model_g.enc_p.emb.weight"], weights, rtol=0, atol=0)
+    assert loaded["epoch"] == 5 and loaded["callbacks"]["ModelCheckpoint"]["best"] == pathlib.PosixPath("/x.ckpt")
+    hp_loaded = loaded["hyper_parameters"]
+    assert isinstance(hp_loaded, ck.InertObject) and hp_loaded.inert_qualname.endswith("AttributeDict")
+    plain = ck.to_plain(hp_loaded)
+    assert plain["num_symbols"] == 256 and plain["dataset"] == ["/data/dataset.jsonl"]
+    assert plain["thing"]["__class__"].endswith("SomeLightningThing") and plain["thing"]["state"] == {"value": 7}
+
+
+def test_plain_checkpoint_uses_weights_only_path(tmp_path, monkeypatch):
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(1)}, "p": pathlib.PosixPath("/a/b")}, path)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert ck.load_checkpoint(path)["p"] == pathlib.PosixPath("/a/b")
+    assert calls == [True]
+
+
+def test_weight_norm_key_spellings_are_mapped(tmp_path):
+    torch.manual_seed(0)
+    src = SynthesizerTrn(**tiny_model_kwargs())
+    state = src.state_dict()
+    renamed = {}
+    for k, v in state.items():  # spell every weight-norm pair the parametrization way
+        if k.endswith(".weight_g"):
+            renamed[k[:-len("weight_g")] + "parametrizations.weight.original0"] = v
+        elif k.endswith(".weight_v"):
+            renamed[k[:-len("weight_v")] + "parametrizations.weight.original1"] = v
+        else:
+            renamed[k] = v
+    assert renamed.keys() != state.keys()
+    torch.manual_seed(1)
+    dst = SynthesizerTrn(**tiny_model_kwargs())
+    left = ck.load_weights(dst, renamed, "renamed")
+    assert left == []
+    for k, v in dst.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def test_load_weights_rejects_shape_mismatch():
+    a = SynthesizerTrn(**tiny_model_kwargs(num_symbols=40))
+    b = SynthesizerTrn(**tiny_model_kwargs(num_symbols=32))
+    with pytest.raises(ck.CheckpointError, match="enc_p.emb.weight"):
+        ck.load_weights(b, a.state_dict(), "other vocabulary")
+
+
+@pytest.mark.parametrize("quality,speakers", [("x-low", 1), ("high", 3)])
+def test_infer_architecture_from_shapes(quality, speakers):
+    kw = model_kwargs(quality, num_symbols=256, num_speakers=speakers)
+    with torch.device("meta"):
+        g = SynthesizerTrn(**kw).state_dict()
+    arch = ck.infer_architecture(g)
+    assert arch["quality"] == quality
+    assert arch["num_symbols"] == 256 and arch["num_speakers"] == speakers
+    assert arch["gin_channels"] == (512 if speakers > 1 else 0)
+    assert arch["hidden_channels"] == kw["hidden_channels"] and arch["spec_channels"] == 513
+
+
+def test_drop_speaker_conditioning_removes_exactly_the_conditioning():
+    g = SynthesizerTrn(**tiny_model_kwargs(num_speakers=3)).state_dict()
+    single = SynthesizerTrn(**tiny_model_kwargs(num_speakers=1)).state_dict()
+    kept, dropped = ck.drop_speaker_conditioning(g)
+    assert "emb_g.weight" in dropped and any(k.startswith("dec.cond.") for k in dropped)
+    assert any("cond_layer" in k for k in dropped) and any(k.startswith("dp.cond.") for k in dropped)
+    assert set(kept) == set(single)
+
+
+def test_saved_checkpoint_layout_roundtrips_with_weights_only(tmp_path):
+    torch.manual_seed(0)
+    g = SynthesizerTrn(**tiny_model_kwargs())
+    d = shrink_discriminator(MultiPeriodDiscriminator(), 16)
+    opts = [torch.optim.AdamW(g.parameters()), torch.optim.AdamW(d.parameters())]
+    scheds = [torch.optim.lr_scheduler.ExponentialLR(o, 0.9) for o in opts]
+    path = tmp_path / "ours.ckpt"
+    ck.save_checkpoint(path, g, d, opts, scheds, 2, 17, {"num_symbols": 32, "sample_rate": 16000},
+                       {"rng": ck.rng_state(), "batch_in_epoch": 3})
+    raw = torch.load(path, weights_only=True)  # no allow-list needed for our own files
+    assert raw["epoch"] == 2 and raw["global_step"] == 17
+    assert set(raw) >= {"state_dict", "optimizer_states", "lr_schedulers", "hyper_parameters",
+                        "pytorch-lightning_version"}
+    keys = list(raw["state_dict"])
+    assert all(k.startswith(("model_g.", "model_d.")) for k in keys)
+    assert any(k.endswith(".weight_g") for k in keys)  # Piper's legacy weight-norm names
+    assert len(raw["optimizer_states"]) == 2 and len(raw["lr_schedulers"]) == 2
+    g_state, d_state = ck.generator_state(raw)
+    assert g_state.keys() == g.state_dict().keys() and d_state.keys() == d.state_dict().keys()
+    # RNG state restores the exact stream
+    before = torch.rand(5)
+    ck.set_rng_state(raw["vits_fast"]["rng"])
+    torch.manual_seed(123)
+    state = ck.rng_state()
+    a = torch.rand(4)
+    ck.set_rng_state(state)
+    torch.testing.assert_close(torch.rand(4), a, rtol=0, atol=0)
+    assert before.shape == (5,)

@@ -1,0 +1,702 @@
+"""Training data: dataset readers, phonemisation, the spectrogram cache, batching and a length-bucketed sampler.
+
+Accepted inputs (:func:`read_dataset`):
+
+* an LJSpeech-style folder: ``metadata.csv`` (``|``-separated, no header) with ``id|text``, ``id|speaker|text``,
+  or pre-phonemised ``id|text|phoneme ids`` / ``id|speaker|text|phoneme ids`` (ids space-separated, Piper's
+  ``--dataset-type phoneme_ids``); audio in ``wavs/`` (or ``wav/``, or beside the csv) as ``<id>``, ``<id>.wav``
+  or ``<id>.flac``. An optional ``config.json`` beside it (Piper's voice config) gives the phoneme-id map,
+  speaker map and sample rate.
+* Piper's preprocessed folder: ``config.json`` + ``dataset.jsonl`` (``phoneme_ids``, ``audio_norm_path``,
+  ``audio_spec_path``, ``speaker_id``, ``text``, ``audio_path`` per line); its cached tensors are used as they are.
+
+Bad items are never dropped silently: every one is reported with its id, file and reason, and
+``on_bad_item="fail"`` turns them into a :class:`DataError`. Items longer than ``max_phoneme_ids`` are a filter,
+not an error: they are counted and named in the log.
+
+Audio is read with soundfile, mixed to mono, resampled with soxr when its rate differs, and cached once (in
+parallel worker processes, with a progress bar) as float32 ``.npy`` files: ``<key>.audio.npy`` ``[T]`` and
+``<key>.spec.npy`` ``[n_fft // 2 + 1, frames]`` (Piper's linear spectrogram); the key hashes the file path, size,
+mtime and the STFT settings, so later runs reuse it and an edited file is re-cached.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .config import AudioConfig
+
+_LOGGER = logging.getLogger("vits_fast.data")
+
+PathLike = Union[str, os.PathLike]
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+_IDS_RE = re.compile(r"^\s*\d+(\s+\d+)*\s*$")
+_AUDIO_EXTS = ("", ".wav", ".flac", ".ogg", ".mp3")
+
+
+class DataError(RuntimeError):
+    """Bad training data with ``on_bad_item="fail"``, or no usable item at all."""
+
+
+@dataclass
+class Item:
+    """One utterance. ``phoneme_ids`` may be None until phonemised; cache paths are set by preparation."""
+
+    id: str
+    text: str
+    phoneme_ids: Optional[List[int]]
+    speaker_id: Optional[int] = None
+    audio_path: Optional[Path] = None
+    audio_cache: Optional[Path] = None
+    spec_cache: Optional[Path] = None
+    num_frames: int = 0
+
+
+@dataclass
+class BadItem:
+    id: str
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.path}): {self.reason}"
+
+
+@dataclass
+class DatasetInfo:
+    """What a dataset says about itself (from ``config.json`` where present)."""
+
+    root: Path
+    kind: str
+    num_speakers: int = 1
+    speaker_id_map: Dict[str, int] = field(default_factory=dict)
+    sample_rate: Optional[int] = None
+    num_symbols: Optional[int] = None
+    phoneme_id_map: Optional[Dict[str, List[int]]] = None
+    espeak_voice: str = "en-us"
+    config: Dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Phonemisation
+# --------------------------------------------------------------------------------------------------------
+
+def default_phoneme_id_map() -> Dict[str, List[int]]:
+    """Piper's phoneme-id map (piper-tts's ``DEFAULT_PHONEME_ID_MAP``), as stored with the embedded corpus."""
+    with open(CORPUS_DIR / "config.json", "r", encoding="utf-8") as f:
+        return {k: list(v) for k, v in json.load(f)["phoneme_id_map"].items()}
+
+
+def piper_phonemizer_available() -> bool:
+    try:
+        import piper.phonemize_espeak  # noqa: F401
+        import piper.phoneme_ids  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Phonemizer:
+    """Text -> Piper phoneme ids (``^ _ p1 _ p2 _ ... $`` per sentence, sentences concatenated).
+
+    With piper-tts installed (``pip install vits_fast[phonemize]``) this is Piper's espeak-ng phonemiser and
+    its id map. Without it, a character-level fallback maps the lower-cased, NFD-normalised characters of the
+    text through the same map (letters, digits and punctuation have ids there): it trains, but the voice is not
+    compatible with Piper's phonemiser. Which one is in use is in :attr:`kind` ("espeak" or "characters").
+    """
+
+    _warned = False
+
+    def __init__(self, voice: str = "en-us", id_map: Optional[Dict[str, List[int]]] = None,
+                 force_characters: bool = False) -> None:
+        self.voice = voice
+        self.id_map = id_map or default_phoneme_id_map()
+        self.kind = "characters" if force_characters or not piper_phonemizer_available() else "espeak"
+        self._espeak = None
+
+    def warn_if_fallback(self) -> None:
+        if self.kind == "characters" and not Phonemizer._warned:
+            Phonemizer._warned = True
+            _LOGGER.warning("piper-tts is not installed: phonemising with a CHARACTER-LEVEL fallback (letters "
+                            "as symbols), not espeak-ng phonemes. The voice will not match Piper's phonemiser; "
+                            "install it with `pip install vits_fast[phonemize]` (piper-tts).")
+
+    def _sentences(self, text: str) -> List[List[str]]:
+        if self.kind == "espeak":
+            if self._espeak is None:
+                from piper.phonemize_espeak import EspeakPhonemizer
+
+                self._espeak = EspeakPhonemizer()
+            return self._espeak.phonemize(self.voice, text)
+        return [list(unicodedata.normalize("NFD", text.lower()))]
+
+    def __call__(self, text: str) -> List[int]:
+        """Phoneme ids of ``text`` (symbols missing from the map are skipped)."""
+        bos, pad, eos = self.id_map["^"], self.id_map["_"], self.id_map["$"]
+        ids: List[int] = []
+        for sentence in self._sentences(text):
+            ids.extend(bos)
+            ids.extend(pad)
+            for symbol in sentence:
+                mapped = self.id_map.get(symbol)
+                if mapped is None:
+                    continue
+                ids.extend(mapped)
+                ids.extend(pad)
+            ids.extend(eos)
+        return ids
+
+
+# --------------------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------------------
+
+def _read_config(folder: Path) -> Dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _info_from_config(root: Path, kind: str, config: Dict[str, Any]) -> DatasetInfo:
+    info = DatasetInfo(root=root, kind=kind, config=config)
+    if config:
+        info.sample_rate = config.get("audio", {}).get("sample_rate")
+        info.num_symbols = config.get("num_symbols")
+        raw_map = config.get("phoneme_id_map")
+        if raw_map:
+            info.phoneme_id_map = {k: (list(v) if isinstance(v, list) else [int(v)]) for k, v in raw_map.items()}
+        info.speaker_id_map = {str(k): int(v) for k, v in (config.get("speaker_id_map") or {}).items()}
+        info.num_speakers = int(config.get("num_speakers") or max(1, len(info.speaker_id_map)))
+        info.espeak_voice = config.get("espeak", {}).get("voice", info.espeak_voice)
+    return info
+
+
+def _find_audio(csv_dir: Path, utt_id: str) -> Optional[Path]:
+    for folder in (csv_dir / "wavs", csv_dir / "wav", csv_dir):
+        for ext in _AUDIO_EXTS:
+            candidate = folder / f"{utt_id}{ext}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_ljspeech(folder: Path, single_speaker: bool = False) -> Tuple[List[Item], List[BadItem], DatasetInfo]:
+    """Read ``metadata.csv`` (see the module docstring). Phoneme ids stay None unless the csv has them."""
+    metadata = folder / "metadata.csv"
+    info = _info_from_config(folder, "ljspeech", _read_config(folder))
+    with open(metadata, "r", encoding="utf-8", newline="") as f:
+        rows = [row for row in csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE) if row and any(row)]
+    has_ids = bool(rows) and all(len(r) >= 3 for r in rows) and all(_IDS_RE.match(r[-1]) for r in rows)
+    items: List[Item] = []
+    bad: List[BadItem] = []
+    speakers: List[Optional[str]] = []
+    for line_no, row in enumerate(rows, start=1):
+        utt_id = row[0].strip()
+        n_text_cols = len(row) - (1 if has_ids else 0)
+        if n_text_cols < 2:
+            bad.append(BadItem(utt_id or f"line {line_no}", str(metadata), f"line {line_no}: too few columns"))
+            continue
+        speaker = row[1].strip() if (n_text_cols >= 3 and not single_speaker) else None
+        text = row[n_text_cols - 1]
+        ids = [int(t) for t in row[-1].split()] if has_ids else None
+        audio = _find_audio(folder, utt_id)
+        if audio is None:
+            bad.append(BadItem(utt_id, str(folder / "wavs" / f"{utt_id}.wav"), "audio file not found"))
+            continue
+        if not text.strip() and not ids:
+            bad.append(BadItem(utt_id, str(audio), "empty transcript"))
+            continue
+        items.append(Item(id=utt_id, text=text, phoneme_ids=ids, audio_path=audio))
+        speakers.append(speaker)
+    names = sorted({s for s in speakers if s is not None})
+    if names:
+        if not set(names) <= set(info.speaker_id_map):
+            # Piper assigns ids by utterance count, most first (ties by first appearance).
+            counts: Dict[str, int] = {}
+            for s in speakers:
+                if s is not None:
+                    counts[s] = counts.get(s, 0) + 1
+            order = sorted(counts, key=lambda s: -counts[s])
+            info.speaker_id_map = {s: i for i, s in enumerate(order)}
+        for item, speaker in zip(items, speakers):
+            item.speaker_id = info.speaker_id_map[speaker] if speaker is not None else 0
+        info.num_speakers = max(len(info.speaker_id_map), max(info.speaker_id_map.values()) + 1)
+    else:
+        info.num_speakers = 1
+        info.speaker_id_map = {}
+    return items, bad, info
+
+
+def read_piper_dataset(folder: Path, jsonl: Optional[Path] = None) -> Tuple[List[Item], List[BadItem], DatasetInfo]:
+    """Read Piper's preprocessed ``dataset.jsonl`` (+ ``config.json``)."""
+    jsonl = jsonl or folder / "dataset.jsonl"
+    info = _info_from_config(folder, "piper", _read_config(folder))
+    items: List[Item] = []
+    bad: List[BadItem] = []
+
+    def resolve(p: Optional[str]) -> Optional[Path]:
+        if not p:
+            return None
+        path = Path(p)
+        return path if path.is_absolute() else folder / path
+
+    with open(jsonl, "r", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                ids = [int(i) for i in rec["phoneme_ids"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                bad.append(BadItem(f"line {line_no}", str(jsonl), f"unreadable record ({exc!r})"))
+                continue
+            audio_path = resolve(rec.get("audio_path"))
+            utt_id = Path(rec.get("audio_path") or rec.get("audio_norm_path") or f"line{line_no}").stem
+            item = Item(id=utt_id, text=rec.get("text") or "", phoneme_ids=ids, audio_path=audio_path,
+                        speaker_id=rec.get("speaker_id"))
+            item.audio_cache = resolve(rec.get("audio_norm_path"))
+            item.spec_cache = resolve(rec.get("audio_spec_path"))
+            items.append(item)
+    if info.num_speakers > 1:
+        for item in items:
+            if item.speaker_id is None:
+                item.speaker_id = 0
+    return items, bad, info
+
+
+def read_dataset(path: PathLike, single_speaker: bool = False) -> Tuple[List[Item], List[BadItem], DatasetInfo]:
+    """Dispatch on what ``path`` holds: Piper's ``dataset.jsonl`` or an LJSpeech ``metadata.csv``."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return read_piper_dataset(path.parent, path)
+        if path.name.endswith(".csv"):
+            return read_ljspeech(path.parent, single_speaker)
+        raise DataError(f"{path}: expected a dataset folder, a dataset.jsonl or a metadata.csv")
+    if (path / "dataset.jsonl").is_file():
+        return read_piper_dataset(path)
+    if (path / "metadata.csv").is_file():
+        return read_ljspeech(path, single_speaker)
+    raise DataError(f"{path}: no dataset.jsonl (Piper preprocessed) or metadata.csv (LJSpeech) found")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Audio and the cache
+# --------------------------------------------------------------------------------------------------------
+
+def load_audio(path: PathLike, sample_rate: int) -> np.ndarray:
+    """Mono float32 audio ``[T]`` in [-1, 1] at ``sample_rate`` (soundfile; soxr "HQ" resampling)."""
+    import soundfile as sf
+
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != sample_rate:
+        import soxr
+
+        audio = soxr.resample(audio, rate, sample_rate, quality="HQ").astype(np.float32)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def cache_key(audio_path: Path, audio: AudioConfig) -> str:
+    st = audio_path.stat()
+    text = (f"{audio_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{audio.sample_rate}|{audio.filter_length}|"
+            f"{audio.hop_length}|{audio.win_length}|v1")
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _load_tensor_file(path: Path) -> torch.Tensor:
+    """A cached ``.npy`` or Piper ``.pt`` tensor (``allow_pickle=False`` / ``weights_only``: never runs code)."""
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _tensor_shape(path: Path) -> Tuple[int, ...]:
+    """Shape of a cached tensor without reading its data."""
+    if path.suffix == ".npy":
+        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+    return tuple(torch.load(path, map_location="cpu", weights_only=True, mmap=True).shape)
+
+
+@dataclass
+class _PrepResult:
+    index: int
+    ok: bool
+    reason: str = ""
+    path: str = ""
+    audio_cache: Optional[str] = None
+    spec_cache: Optional[str] = None
+    num_frames: int = 0
+    num_samples: int = 0
+
+
+def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path) -> _PrepResult:
+    """Make sure ``item`` has a cached audio + spectrogram pair and measure it; never raises."""
+    from .mel_processing import spectrogram_torch
+
+    where = str(item.audio_path or item.spec_cache or "")
+    try:
+        # Piper-preprocessed items: use its cached tensors when both exist.
+        if item.spec_cache is not None and item.audio_cache is not None and item.spec_cache.is_file() \
+                and item.audio_cache.is_file():
+            spec_shape = _tensor_shape(item.spec_cache)
+            where = str(item.spec_cache)
+            if len(spec_shape) != 2 or spec_shape[0] != audio.spec_channels:
+                return _PrepResult(index, False, f"cached spectrogram has shape {spec_shape}, expected "
+                                                 f"[{audio.spec_channels}, frames] (filter_length "
+                                                 f"{audio.filter_length})", where)
+            return _PrepResult(index, True, path=where, audio_cache=str(item.audio_cache),
+                               spec_cache=str(item.spec_cache), num_frames=int(spec_shape[-1]),
+                               num_samples=int(_tensor_shape(item.audio_cache)[-1]))
+        if item.audio_path is None or not item.audio_path.is_file():
+            missing = item.audio_path or item.spec_cache
+            return _PrepResult(index, False, "audio file not found", str(missing))
+        key = cache_key(item.audio_path, audio)
+        audio_file = cache_dir / key[:2] / f"{key}.audio.npy"
+        spec_file = cache_dir / key[:2] / f"{key}.spec.npy"
+        if audio_file.is_file() and spec_file.is_file():
+            spec_shape = _tensor_shape(spec_file)
+            n_samples = _tensor_shape(audio_file)[0]
+            return _PrepResult(index, True, path=where, audio_cache=str(audio_file), spec_cache=str(spec_file),
+                               num_frames=int(spec_shape[-1]), num_samples=int(n_samples))
+        wav = load_audio(item.audio_path, audio.sample_rate)
+        if wav.size == 0:
+            return _PrepResult(index, False, "audio file has no samples", where)
+        if wav.size <= audio.filter_length:
+            return _PrepResult(index, False, f"audio too short ({wav.size} samples at {audio.sample_rate} Hz; "
+                                             f"needs more than {audio.filter_length})", where)
+        if not np.isfinite(wav).all():
+            return _PrepResult(index, False, "audio contains NaN or infinite samples", where)
+        peak = float(np.abs(wav).max())
+        if peak > 1.0:
+            wav = wav / peak
+        spec = spectrogram_torch(torch.from_numpy(wav), audio.filter_length, audio.sample_rate,
+                                 audio.hop_length, audio.win_length).numpy()
+        audio_file.parent.mkdir(parents=True, exist_ok=True)
+        _save_npy(audio_file, wav)
+        _save_npy(spec_file, spec)
+        return _PrepResult(index, True, path=where, audio_cache=str(audio_file), spec_cache=str(spec_file),
+                           num_frames=int(spec.shape[-1]), num_samples=int(wav.size))
+    except Exception as exc:  # unreadable/corrupt file: reported by name by the caller
+        return _PrepResult(index, False, f"cannot read audio ({type(exc).__name__}: {str(exc).strip()[:200]})",
+                           where)
+
+
+class _PrepTasks(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[Item], audio: AudioConfig, cache_dir: Path) -> None:
+        self.items, self.audio, self.cache_dir = items, audio, cache_dir
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> _PrepResult:
+        return _prepare_one(index, self.items[index], self.audio, self.cache_dir)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def prepare_items(items: List[Item], audio: AudioConfig, cache_dir: PathLike, *, phonemizer: Optional[Phonemizer],
+                  num_symbols: int, max_phoneme_ids: Optional[int] = None, num_workers: int = 0,
+                  progress: bool = True, timeout: float = 600.0) -> Tuple[List[Item], List[BadItem], List[BadItem]]:
+    """Phonemise, validate and cache every item.
+
+    Returns (usable items with cache paths and frame counts, bad items, filtered items). Phonemes are cached
+    in ``cache_dir/phonemes-<kind>-<voice>.json``. Audio work runs in ``num_workers`` processes (0: here)
+    with a tqdm bar; a worker that dies or stalls past ``timeout`` seconds raises instead of hanging.
+    """
+    from tqdm.auto import tqdm
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    bad: List[BadItem] = []
+    filtered: List[BadItem] = []
+
+    # 1. Phoneme ids (cached by text).
+    need = [it for it in items if it.phoneme_ids is None]
+    if need:
+        if phonemizer is None:
+            raise DataError("these items have no phoneme ids and no phonemiser was given: "
+                            + ", ".join(it.id for it in need[:10]))
+        phonemizer.warn_if_fallback()
+        ph_cache_path = cache_dir / f"phonemes-{phonemizer.kind}-{phonemizer.voice}.json"
+        ph_cache: Dict[str, List[int]] = {}
+        if ph_cache_path.is_file():
+            try:
+                ph_cache = json.loads(ph_cache_path.read_text(encoding="utf-8"))
+            except ValueError:
+                ph_cache = {}
+        fresh = 0
+        for it in tqdm(need, desc="phonemising", disable=not progress or len(need) < 50):
+            ids = ph_cache.get(it.text)
+            if ids is None:
+                ids = phonemizer(it.text)
+                ph_cache[it.text] = ids
+                fresh += 1
+            it.phoneme_ids = list(ids)
+        if fresh:
+            tmp = ph_cache_path.with_name(ph_cache_path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(ph_cache, ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, ph_cache_path)
+
+    # 2. Id checks and the length filter (before any audio work).
+    candidates: List[Item] = []
+    for it in items:
+        where = str(it.audio_path or it.spec_cache or "")
+        ids = it.phoneme_ids or []
+        if len(ids) == 0 or all(i in (0, 1, 2) for i in ids):
+            bad.append(BadItem(it.id, where, "empty transcript (no phonemes)"))
+        elif min(ids) < 0 or max(ids) >= num_symbols:
+            bad.append(BadItem(it.id, where, f"phoneme id {max(ids)} outside the vocabulary of {num_symbols}"))
+        elif max_phoneme_ids is not None and len(ids) > max_phoneme_ids:
+            filtered.append(BadItem(it.id, where, f"{len(ids)} phoneme ids > --max-phoneme-ids {max_phoneme_ids}"))
+        else:
+            candidates.append(it)
+
+    # 3. Audio cache, in parallel.
+    tasks = _PrepTasks(candidates, audio, cache_dir)
+    loader = torch.utils.data.DataLoader(tasks, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         collate_fn=_identity, timeout=timeout if num_workers > 0 else 0)
+    results: List[_PrepResult] = []
+    for res in tqdm(loader, total=len(tasks), desc="caching spectrograms", disable=not progress):
+        results.append(res)
+    ok: List[Item] = []
+    for res in sorted(results, key=lambda r: r.index):
+        it = candidates[res.index]
+        if not res.ok:
+            bad.append(BadItem(it.id, res.path, res.reason))
+            continue
+        it.audio_cache = Path(res.audio_cache)
+        it.spec_cache = Path(res.spec_cache)
+        it.num_frames = res.num_frames
+        ids_len = len(it.phoneme_ids or [])
+        if res.num_frames < ids_len:
+            bad.append(BadItem(it.id, res.path, f"audio too short for its text: {res.num_frames} frames < "
+                                                f"{ids_len} phoneme ids (the alignment needs a frame per id)"))
+            continue
+        ok.append(it)
+    return ok, bad, filtered
+
+
+def report_problems(bad: Sequence[BadItem], filtered: Sequence[BadItem], on_bad_item: str, *,
+                    log_file: Optional[Path] = None, total: int = 0) -> None:
+    """Log every bad and filtered item by name (and write them to ``log_file``); raise on ``fail``."""
+    if log_file is not None and (bad or filtered):
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "w", encoding="utf-8") as f:
+            for b in bad:
+                f.write(f"bad\t{b.id}\t{b.path}\t{b.reason}\n")
+            for b in filtered:
+                f.write(f"filtered\t{b.id}\t{b.path}\t{b.reason}\n")
+    if filtered:
+        _LOGGER.warning("%d of %d item(s) filtered out: %s", len(filtered), total,
+                        "; ".join(str(b) for b in filtered[:20]) + (" ..." if len(filtered) > 20 else ""))
+    if bad:
+        names = "; ".join(str(b) for b in bad[:20]) + (f" ... (all in {log_file})" if len(bad) > 20 else "")
+        if on_bad_item == "fail":
+            raise DataError(f"{len(bad)} bad item(s) (--on-bad-item fail): {names}")
+        _LOGGER.warning("%d of %d item(s) skipped as bad (--on-bad-item skip): %s", len(bad), total, names)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dataset, batches, sampler
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """A padded batch, sorted by decreasing spectrogram length (Piper's order).
+
+    phoneme_ids [b, t_x] int64, phoneme_lengths [b], spectrograms [b, spec, t_y] float32, spectrogram_lengths
+    [b], audios [b, 1, t] float32, audio_lengths [b], speaker_ids [b] or None, indices [b] (dataset indices).
+    """
+
+    phoneme_ids: torch.Tensor
+    phoneme_lengths: torch.Tensor
+    spectrograms: torch.Tensor
+    spectrogram_lengths: torch.Tensor
+    audios: torch.Tensor
+    audio_lengths: torch.Tensor
+    speaker_ids: Optional[torch.Tensor]
+    indices: torch.Tensor
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+        return Batch(**{k: (fn(v) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+
+    def pin_memory(self) -> "Batch":
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def __len__(self) -> int:
+        return int(self.phoneme_ids.size(0))
+
+
+class TTSDataset(torch.utils.data.Dataset):
+    """Prepared items -> dicts of tensors (``phoneme_ids`` [t_x], ``spec`` [spec, t_y], ``audio`` [1, t])."""
+
+    def __init__(self, items: Sequence[Item]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def lengths(self) -> List[int]:
+        return [it.num_frames for it in self.items]
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        it = self.items[index]
+        try:
+            spec = _load_tensor_file(it.spec_cache).float()
+            audio = _load_tensor_file(it.audio_cache).float().reshape(1, -1)
+        except Exception as exc:
+            raise DataError(f"item {it.id}: cannot read its cached audio/spectrogram {it.spec_cache} / "
+                            f"{it.audio_cache} ({type(exc).__name__}: {exc})") from None
+        return {"index": index, "phoneme_ids": torch.as_tensor(it.phoneme_ids, dtype=torch.long), "spec": spec,
+                "audio": audio, "speaker_id": it.speaker_id}
+
+
+class Collate:
+    """Pad a list of dataset items into a :class:`Batch`.
+
+    Spectrograms are padded to at least ``segment_frames`` frames and audio to ``segment_frames * hop``
+    samples, so the random training window always fits.
+    """
+
+    def __init__(self, multi_speaker: bool, segment_frames: int, hop_length: int) -> None:
+        self.multi_speaker = multi_speaker
+        self.segment_frames = segment_frames
+        self.hop_length = hop_length
+
+    def __call__(self, examples: Sequence[Dict[str, Any]]) -> Batch:
+        examples = sorted(examples, key=lambda e: e["spec"].size(1), reverse=True)
+        b = len(examples)
+        t_x = max(e["phoneme_ids"].numel() for e in examples)
+        t_y = max(max(e["spec"].size(1) for e in examples), self.segment_frames)
+        t_a = max(max(e["audio"].size(1) for e in examples), self.segment_frames * self.hop_length)
+        n_spec = examples[0]["spec"].size(0)
+        ids = torch.zeros(b, t_x, dtype=torch.long)
+        spec = torch.zeros(b, n_spec, t_y)
+        audio = torch.zeros(b, 1, t_a)
+        id_len = torch.zeros(b, dtype=torch.long)
+        spec_len = torch.zeros(b, dtype=torch.long)
+        audio_len = torch.zeros(b, dtype=torch.long)
+        for i, e in enumerate(examples):
+            n, f, s = e["phoneme_ids"].numel(), e["spec"].size(1), e["audio"].size(1)
+            ids[i, :n] = e["phoneme_ids"]
+            spec[i, :, :f] = e["spec"]
+            audio[i, :, :s] = e["audio"]
+            id_len[i], spec_len[i], audio_len[i] = n, f, s
+        sids = None
+        if self.multi_speaker:
+            sids = torch.tensor([int(e["speaker_id"] or 0) for e in examples], dtype=torch.long)
+        return Batch(ids, id_len, spec, spec_len, audio, audio_len, sids,
+                     torch.tensor([e["index"] for e in examples], dtype=torch.long))
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Length-bucketed batches, shuffled per epoch, split across distributed ranks.
+
+    Each epoch: a seeded permutation is cut into windows of ``batch_size * num_replicas * bucket_windows``
+    items, each window is sorted by length and cut into batches (so a batch holds similar lengths and
+    little padding), and the batch order is shuffled. The batch list is padded by repeating batches to a
+    multiple of ``num_replicas``; rank ``r`` takes every ``num_replicas``-th batch from ``r``. Every rank
+    therefore runs the same number of steps (no DDP hang), and the union over ranks covers every item.
+
+    :meth:`set_epoch` picks the permutation; ``start_batch`` skips batches already trained in that epoch
+    (exact mid-epoch resume). Deterministic for a given (seed, epoch).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, bucket_windows: int = 8) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.bucket_windows = bucket_windows
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _all_batches(self) -> List[List[int]]:
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        window = self.batch_size * self.num_replicas * self.bucket_windows
+        batches: List[List[int]] = []
+        for start in range(0, n, window):
+            chunk = sorted(order[start:start + window], key=lambda i: self.lengths[i])
+            for b in range(0, len(chunk), self.batch_size):
+                batches.append(chunk[b:b + self.batch_size])
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.shuffle:
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in perm]
+        if not batches:
+            return batches
+        if self.drop_last:
+            batches = batches[: len(batches) - len(batches) % self.num_replicas]
+        else:
+            k = 0
+            while len(batches) % self.num_replicas:
+                batches.append(batches[k % len(batches)])
+                k += 1
+        return batches
+
+    def batches_per_epoch(self) -> int:
+        return len(self._all_batches()) // self.num_replicas
+
+    def __iter__(self) -> Iterator[List[int]]:
+        mine = self._all_batches()[self.rank::self.num_replicas]
+        return iter(mine[self.start_batch:])
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start_batch)
+
+
+def split_items(items: Sequence[Item], validation_split: float, num_test_examples: int,
+                seed: int) -> Tuple[List[Item], List[Item], List[Item]]:
+    """Deterministic (train, validation, test) split; test items (for sample WAVs) come from validation."""
+    n = len(items)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).tolist()
+    n_val = min(n - 1, max(1 if n > 1 and validation_split > 0 else 0, int(round(n * validation_split))))
+    val = [items[i] for i in perm[:n_val]]
+    train = [items[i] for i in perm[n_val:]]
+    test = val[:num_test_examples] if val else train[:num_test_examples]
+    return train, val, test
+

@@ -1,0 +1,836 @@
+"""Train or fine-tune a Piper-compatible VITS voice: ``python -m vits_fast.train``.
+
+With no arguments it trains a tiny model on the speech corpus shipped in ``vits_fast/corpus`` on the CPU for a
+few minutes, printing the falling losses and writing ``runs/default/checkpoints/last.ckpt`` and sample WAVs.
+Real voices::
+
+    python -m vits_fast.train --dataset my_ljspeech_folder --quality medium --batch-size 32 --precision bf16
+    python -m vits_fast.train --dataset my_data --init-from en_US-lessac-medium.ckpt      # fine-tune
+    torchrun --nproc_per_node 8 -m vits_fast.train --dataset my_data ...                  # DDP
+
+One training step is Piper's: the generator pass (text/posterior encoders, flow, alignment search, duration
+model, decoder on a random ``segment_size`` window), mel L1 x45 + KL + duration + LSGAN generator +
+feature-matching losses; then the discriminator on the real window and the detached generated one. AdamW
+(2e-4, betas 0.8/0.99, eps 1e-9) for each, ExponentialLR(0.999875) stepped once per epoch. Spectrograms, mels
+and losses are float32 under every ``--precision``; the model forward runs under autocast for bf16/fp16 (fp16
+with a gradient scaler). A non-finite loss is reported with its step and either skips the update or stops
+(``--on-nonfinite``); it is never trained on.
+
+Outputs in ``--output-dir``: ``checkpoints/epoch=E-step=S.ckpt`` and ``last.ckpt`` (Piper/Lightning layout,
+see :mod:`vits_fast.checkpoint`), ``config.json`` (Piper voice config), ``train_log.jsonl`` (every logged
+scalar), ``samples/step-S/*.wav``, ``bad_items.tsv`` when data was skipped, TensorBoard events when
+``tensorboard`` is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from . import checkpoint as ckpt_lib
+from .commons import slice_segments
+from .config import AudioConfig, PRESETS, model_kwargs as preset_model_kwargs, tiny_model_kwargs
+from .data import (CORPUS_DIR, Batch, BucketBatchSampler, Collate, DataError, Phonemizer, TTSDataset,
+                   default_phoneme_id_map, prepare_items, read_dataset, report_problems, split_items)
+from .losses import discriminator_loss, feature_loss, generator_loss, kl_loss
+from .mel_processing import mel_spectrogram_torch, spec_to_mel_torch
+from .models import MultiPeriodDiscriminator, SynthesizerTrn
+
+_LOGGER = logging.getLogger("vits_fast.train")
+
+C_MEL = 45.0
+C_KL = 1.0
+LOSS_NAMES = ("loss_g", "loss_d", "loss_mel", "loss_kl", "loss_dur", "loss_gen", "loss_fm")
+
+#: Audio settings of the ``tiny`` preset (the default on the embedded 16 kHz corpus): hop = 4*4*4.
+TINY_AUDIO = AudioConfig(sample_rate=16000, filter_length=256, hop_length=64, win_length=256, mel_channels=40)
+#: Channel divisor of the ``tiny`` preset's discriminator (Piper's is 47M parameters: too slow on a CPU).
+TINY_DISCRIMINATOR_DIVISOR = 16
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf and ``--on-nonfinite stop`` was chosen (or too many updates were skipped)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vits_fast.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", "--dataset-dir", dest="dataset", type=Path, default=None,
+                   help="LJSpeech folder (metadata.csv + wavs/), Piper preprocessed folder (config.json + "
+                        "dataset.jsonl) or one of those files; default: the embedded demo corpus")
+    d.add_argument("--output-dir", type=Path, default=Path("runs/default"))
+    d.add_argument("--cache-dir", type=Path, default=None, help="spectrogram cache (default: OUTPUT/cache)")
+    d.add_argument("--sample-rate", type=int, default=None,
+                   help="default: the dataset's config.json, else 16000 for x-low/tiny and 22050 otherwise")
+    d.add_argument("--single-speaker", action="store_true", help="ignore the speaker column")
+    d.add_argument("--phonemizer", choices=("auto", "espeak", "characters"), default="auto",
+                   help="auto: piper-tts's espeak-ng if installed, else characters (with a warning)")
+    d.add_argument("--espeak-voice", default=None, help="default: the dataset config's, else en-us")
+    d.add_argument("--max-phoneme-ids", type=int, default=None, help="leave out longer utterances (logged)")
+    d.add_argument("--on-bad-item", choices=("skip", "fail"), default="skip",
+                   help="missing/corrupt/empty items: skip them (each is logged by name) or stop")
+    d.add_argument("--num-workers", type=int, default=None,
+                   help="data worker processes (default: min(4, cpus) for caching and for CUDA training, 0 for "
+                        "CPU training)")
+    d.add_argument("--pin-memory", choices=("auto", "yes", "no"), default="auto")
+    d.add_argument("--validation-split", type=float, default=0.05)
+    d.add_argument("--num-test-examples", type=int, default=2, help="items synthesised as WAV at validation")
+    m = p.add_argument_group("model")
+    m.add_argument("--quality", choices=("tiny",) + tuple(PRESETS), default=None,
+                   help="Piper preset (default: tiny on the demo corpus, medium otherwise)")
+    m.add_argument("--segment-size", type=int, default=None, help="training window in samples (Piper: 8192)")
+    m.add_argument("--init-from", type=Path, default=None,
+                   help="warm start from a Piper/vits_fast .ckpt (weights only; architecture from the file)")
+    m.add_argument("--resume", default=None, help="continue a run: a .ckpt path, or 'auto' for OUTPUT's last.ckpt")
+    t = p.add_argument_group("training")
+    t.add_argument("--batch-size", type=int, default=None, help="per process (default: 8 tiny, 32 otherwise)")
+    t.add_argument("--max-steps", type=int, default=None, help="default: 150 on the demo corpus, unlimited otherwise")
+    t.add_argument("--max-epochs", type=int, default=None)
+    t.add_argument("--learning-rate", type=float, default=2e-4)
+    t.add_argument("--lr-decay", type=float, default=0.999875, help="ExponentialLR gamma, stepped per epoch")
+    t.add_argument("--grad-clip", type=float, default=None, help="clip each model's gradient norm to this")
+    t.add_argument("--precision", choices=("32", "bf16", "16"), default="32")
+    t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
+                   help="a NaN/inf loss skips that update (logged) or stops training")
+    t.add_argument("--max-nonfinite", type=int, default=25, help="stop after this many consecutive skipped steps")
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    t.add_argument("--find-unused-parameters", choices=("auto", "yes", "no"), default="auto",
+                   help="DDP: auto probes one batch for parameters without gradient")
+    t.add_argument("--dist-timeout-min", type=float, default=120.0,
+                   help="collective timeout (rank 0 may build the cache meanwhile)")
+    o = p.add_argument_group("output")
+    o.add_argument("--log-every", type=int, default=10)
+    o.add_argument("--val-every", type=int, default=None, help="steps (default: 50 on the demo, else 1000)")
+    o.add_argument("--checkpoint-every", type=int, default=None, help="steps (default: 50 on the demo, else 1000)")
+    o.add_argument("--keep-checkpoints", type=int, default=3)
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    o.add_argument("--no-samples", action="store_true", help="skip synthesising WAVs at validation")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------
+
+def _dist_info() -> Tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return world, rank, local
+
+
+def shrink_discriminator(mpd: MultiPeriodDiscriminator, divisor: int) -> MultiPeriodDiscriminator:
+    """Rebuild every conv of ``mpd`` with ``channels // divisor`` (same kernels, strides, groups ratio,
+    weight norm), for CPU demos and tests. Forward code and the key layout are unchanged."""
+    from .commons import weight_norm
+
+    def rebuild(conv: torch.nn.Module, c_in: int, c_out: int) -> torch.nn.Module:
+        groups = conv.groups
+        if groups > 1:  # keep Piper's 4 input channels per group where possible
+            groups = max(1, c_in // (conv.in_channels // conv.groups))
+            while c_in % groups or c_out % groups:
+                groups -= 1
+        new = type(conv)(c_in, c_out, conv.kernel_size, conv.stride, padding=conv.padding, groups=groups)
+        return weight_norm(new)
+
+    for disc in mpd.discriminators:
+        prev = 1
+        for i, conv in enumerate(disc.convs):
+            c_out = max(1, conv.out_channels // divisor)
+            disc.convs[i] = rebuild(conv, prev, c_out)
+            prev = c_out
+        disc.conv_post = rebuild(disc.conv_post, prev, 1)
+    return mpd
+
+
+def _discriminator_divisor(d_state: Dict[str, torch.Tensor], default: int) -> int:
+    """Channel divisor of a saved discriminator (Piper's first period conv has 32 output channels)."""
+    for key in ("discriminators.1.convs.0.weight_v", "discriminators.1.convs.0.weight",
+                "discriminators.1.convs.0.parametrizations.weight.original1"):
+        if key in d_state:
+            return max(1, 32 // int(d_state[key].shape[0]))
+    return default
+
+
+def _kwargs_from_hparams(hp: Dict[str, Any]) -> Optional[Tuple[Dict[str, Any], AudioConfig]]:
+    """SynthesizerTrn kwargs + audio settings from Piper ``VitsModel`` hyper-parameters (None if incomplete)."""
+    need = ("num_symbols", "inter_channels", "hidden_channels", "filter_channels", "resblock", "upsample_rates",
+            "upsample_initial_channel", "upsample_kernel_sizes", "resblock_kernel_sizes", "resblock_dilation_sizes")
+    if not all(k in hp for k in need):
+        return None
+    audio = AudioConfig(sample_rate=int(hp.get("sample_rate", 22050)), filter_length=int(hp.get("filter_length", 1024)),
+                        hop_length=int(hp.get("hop_length", 256)), win_length=int(hp.get("win_length", 1024)),
+                        mel_channels=int(hp.get("mel_channels", 80)), mel_fmin=float(hp.get("mel_fmin", 0.0) or 0.0),
+                        mel_fmax=hp.get("mel_fmax"))
+    num_speakers = int(hp.get("num_speakers", 1))
+    gin = int(hp.get("gin_channels", 0) or 0)
+    if num_speakers > 1 and gin <= 0:
+        gin = 512
+    kwargs = dict(
+        n_vocab=int(hp["num_symbols"]), spec_channels=audio.spec_channels,
+        segment_size=int(hp.get("segment_size", 8192)) // audio.hop_length,
+        inter_channels=int(hp["inter_channels"]), hidden_channels=int(hp["hidden_channels"]),
+        filter_channels=int(hp["filter_channels"]), n_heads=int(hp.get("n_heads", 2)),
+        n_layers=int(hp.get("n_layers", 6)), kernel_size=int(hp.get("kernel_size", 3)),
+        p_dropout=float(hp.get("p_dropout", 0.1)), resblock=str(hp["resblock"]),
+        resblock_kernel_sizes=tuple(hp["resblock_kernel_sizes"]),
+        resblock_dilation_sizes=tuple(tuple(x) for x in hp["resblock_dilation_sizes"]),
+        upsample_rates=tuple(hp["upsample_rates"]), upsample_initial_channel=int(hp["upsample_initial_channel"]),
+        upsample_kernel_sizes=tuple(hp["upsample_kernel_sizes"]), n_speakers=num_speakers, gin_channels=gin,
+        use_sdp=bool(hp.get("use_sdp", True)))
+    return kwargs, audio
+
+
+def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+class _JsonlLog:
+    def __init__(self, path: Optional[Path]) -> None:
+        self.path = path
+        self._tb = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
+            except Exception:  # tensorboard not installed: JSONL only
+                self._tb = None
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def audio(self, tag: str, wav: torch.Tensor, sample_rate: int, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_audio(tag, wav.reshape(1, -1), step, sample_rate=sample_rate)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Everything for one run; :func:`main` builds it from the command line and calls :meth:`fit`."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.world, self.rank, self.local_rank = _dist_info()
+        self.distributed = self.world > 1
+        self.is_main = self.rank == 0
+        if args.device is None:
+            args.device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(args.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=args.dist_timeout_min))
+        self.demo = args.dataset is None
+        if self.demo:
+            args.dataset = CORPUS_DIR
+        self.out = Path(args.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.log = _JsonlLog(self.out / "train_log.jsonl" if self.is_main else None)
+        self.history: List[Dict[str, Any]] = []
+        self.nonfinite_skipped = 0
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def _resolve_resume(self) -> Optional[Path]:
+        r = self.args.resume
+        if r is None:
+            return None
+        if r == "auto":
+            last = self.ckpt_dir / "last.ckpt"
+            return last if last.is_file() else None
+        return Path(r)
+
+    def setup(self) -> None:
+        args = self.args
+        resume_path = self._resolve_resume()
+        self.resume_ckpt = ckpt_lib.load_checkpoint(resume_path) if resume_path is not None else None
+        init_ckpt = ckpt_lib.load_checkpoint(args.init_from) if args.init_from is not None else None
+        source_ckpt = self.resume_ckpt if self.resume_ckpt is not None else init_ckpt
+
+        items, bad, info = read_dataset(args.dataset, single_speaker=args.single_speaker)
+        num_speakers = info.num_speakers
+        quality = args.quality or ("tiny" if self.demo else "medium")
+
+        # Architecture and audio settings: a checkpoint's (exact) > the preset.
+        from_ckpt = self._architecture_from(source_ckpt, resume_path or args.init_from) if source_ckpt else None
+        if from_ckpt is not None:
+            kwargs, audio, ckpt_quality = from_ckpt
+            if args.quality is not None and ckpt_quality is not None and args.quality != ckpt_quality:
+                _LOGGER.warning("--quality %s ignored: the checkpoint is %s", args.quality, ckpt_quality)
+            quality = ckpt_quality or quality
+        else:
+            sample_rate = args.sample_rate or info.sample_rate or (16000 if quality in ("tiny", "x-low") else 22050)
+            num_symbols = int(info.num_symbols or 256)
+            if quality == "tiny":
+                audio = replace(TINY_AUDIO, sample_rate=sample_rate)
+                kwargs = tiny_model_kwargs(num_symbols=num_symbols, num_speakers=num_speakers,
+                                           spec_channels=audio.spec_channels, upsample_rates=(4, 4, 4),
+                                           upsample_kernel_sizes=(8, 8, 8), upsample_initial_channel=32,
+                                           segment_size=(args.segment_size or 1024) // audio.hop_length)
+            else:
+                audio = AudioConfig(sample_rate=sample_rate)
+                kwargs = preset_model_kwargs(quality, num_symbols, num_speakers,
+                                             segment_size=args.segment_size or 8192, audio=audio)
+        if args.sample_rate and args.sample_rate != audio.sample_rate:
+            audio = replace(audio, sample_rate=args.sample_rate)
+        if info.sample_rate and info.sample_rate != audio.sample_rate and self.is_main:
+            _LOGGER.warning("dataset config says %d Hz; training at %d Hz (audio is resampled)",
+                            info.sample_rate, audio.sample_rate)
+        # Speakers follow the dataset (warm start adapts the checkpoint's conditioning, see _init_weights).
+        if self.resume_ckpt is None:
+            kwargs["n_speakers"] = num_speakers
+            if num_speakers > 1 and kwargs.get("gin_channels", 0) <= 0:
+                kwargs["gin_channels"] = 8 if quality == "tiny" else 512
+            if num_speakers <= 1:
+                kwargs["gin_channels"] = 0
+        elif kwargs["n_speakers"] != num_speakers and not (kwargs["n_speakers"] >= num_speakers > 1):
+            raise DataError(f"--resume: the checkpoint has {kwargs['n_speakers']} speaker(s), the dataset "
+                            f"{num_speakers}; use --init-from to warm start on a different speaker set")
+        self.quality, self.audio, self.model_kwargs, self.info = quality, audio, kwargs, info
+        self.num_speakers = kwargs["n_speakers"]
+
+        # Data (rank 0 builds the cache, the others wait and then read it).
+        self._setup_data(items, bad)
+
+        # Models.
+        torch.manual_seed(args.seed)
+        self.model_g = SynthesizerTrn(**kwargs).to(self.device)
+        self.model_d = MultiPeriodDiscriminator()
+        divisor = TINY_DISCRIMINATOR_DIVISOR if quality == "tiny" else 1
+        if source_ckpt is not None:
+            divisor = _discriminator_divisor(ckpt_lib.generator_state(source_ckpt)[1], divisor)
+        if divisor > 1:
+            shrink_discriminator(self.model_d, divisor)
+        self.model_d.to(self.device)
+        if self.resume_ckpt is None and init_ckpt is not None:
+            self._init_weights(init_ckpt, args.init_from)
+        self.optim_g = torch.optim.AdamW(self.model_g.parameters(), lr=args.learning_rate, betas=(0.8, 0.99), eps=1e-9)
+        self.optim_d = torch.optim.AdamW(self.model_d.parameters(), lr=args.learning_rate, betas=(0.8, 0.99), eps=1e-9)
+        self.sched_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, gamma=args.lr_decay)
+        self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, gamma=args.lr_decay)
+        self.amp_dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "16")
+        self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
+        if self.resume_ckpt is not None:
+            self._restore(self.resume_ckpt, resume_path)
+        else:
+            torch.manual_seed(args.seed + self.rank)
+        self.g_train, self.d_train = self.model_g, self.model_d
+        if self.distributed:
+            self._wrap_ddp()
+        if self.is_main:
+            self._write_voice_config()
+
+    def _architecture_from(self, ckpt: Dict[str, Any], path: Any) -> Optional[Tuple[Dict[str, Any], AudioConfig, Optional[str]]]:
+        extra = ckpt.get("vits_fast") if isinstance(ckpt, dict) else None
+        if isinstance(extra, dict) and "model_kwargs" in extra:
+            kw = dict(extra["model_kwargs"])
+            audio = AudioConfig(**extra["audio"])
+            return kw, audio, extra.get("quality")
+        g, _ = ckpt_lib.generator_state(ckpt)
+        arch = ckpt_lib.infer_architecture(g)
+        hp = ckpt_lib.to_plain(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+        from_hp = _kwargs_from_hparams(hp) if isinstance(hp, dict) else None
+        if from_hp is not None:
+            kw, audio = from_hp
+        elif arch["quality"] is not None:
+            sr = self.args.sample_rate or (16000 if arch["quality"] == "x-low" else 22050)
+            audio = AudioConfig(sample_rate=int(hp.get("sample_rate", sr)) if isinstance(hp, dict) else sr)
+            kw = preset_model_kwargs(arch["quality"], arch["num_symbols"], arch["num_speakers"],
+                                     audio=audio, gin_channels=arch["gin_channels"] or None)
+        else:
+            raise ckpt_lib.CheckpointError(f"{path}: cannot tell the architecture (no hyper-parameters and no "
+                                           f"Piper preset matches: {arch})")
+        kw["n_vocab"] = arch["num_symbols"]
+        kw["n_speakers"] = arch["num_speakers"]
+        kw["gin_channels"] = arch["gin_channels"]
+        quality = arch["quality"]
+        if isinstance(hp, dict) and hp.get("quality") in (("tiny",) + tuple(PRESETS)):
+            quality = hp["quality"]
+        if self.is_main:
+            _LOGGER.info("%s: quality %s, %d symbols, %d speaker(s) (read from its tensor shapes)", path,
+                         quality or "custom", arch["num_symbols"], arch["num_speakers"])
+        return kw, audio, quality
+
+    def _init_weights(self, ckpt: Dict[str, Any], path: Path) -> None:
+        g, d = ckpt_lib.generator_state(ckpt)
+        arch = ckpt_lib.infer_architecture(g)
+        n_target = self.model_kwargs["n_speakers"]
+        note = None
+        if arch["num_speakers"] > 1 and n_target <= 1:
+            g, dropped = ckpt_lib.drop_speaker_conditioning(g)
+            note = f"multi->single-speaker warm start: dropped {len(dropped)} speaker-conditioning tensor(s)"
+        elif arch["num_speakers"] <= 1 and n_target > 1:
+            g, dropped = ckpt_lib.drop_speaker_conditioning(g)
+            note = (f"single->multi-speaker warm start: the speaker embedding emb_g and the conditioning layers "
+                    f"(dec.cond, dp.cond, *.cond_layer) start fresh for {n_target} speakers")
+        elif arch["num_speakers"] > 1 and arch["num_speakers"] != n_target:
+            dropped = [k for k in g if k.startswith("emb_g.")]
+            g = {k: v for k, v in g.items() if not k.startswith("emb_g.")}
+            note = (f"speaker count {arch['num_speakers']} -> {n_target}: dropped emb_g ({len(dropped)} tensor), "
+                    f"kept the conditioning layers")
+        left = ckpt_lib.load_weights(self.model_g, g, f"{path} (generator)")
+        if d:
+            ckpt_lib.load_weights(self.model_d, d, f"{path} (discriminator)")
+        if self.is_main:
+            if note:
+                _LOGGER.warning("%s", note)
+            _LOGGER.info("initialised from %s: %d generator tensors loaded, %d left at init%s", path,
+                         len(self.model_g.state_dict()) - len(left), len(left),
+                         "" if d else "; no discriminator in the file (fresh one)")
+
+    def _restore(self, ckpt: Dict[str, Any], path: Path) -> None:
+        g, d = ckpt_lib.generator_state(ckpt)
+        ckpt_lib.load_weights(self.model_g, g, f"{path} (generator)")
+        if d:
+            ckpt_lib.load_weights(self.model_d, d, f"{path} (discriminator)")
+        opt_states = ckpt.get("optimizer_states") or []
+        if len(opt_states) == 2:
+            self.optim_g.load_state_dict(opt_states[0])
+            self.optim_d.load_state_dict(opt_states[1])
+        scheds = ckpt.get("lr_schedulers") or []
+        if len(scheds) == 2:
+            self.sched_g.load_state_dict(scheds[0])
+            self.sched_d.load_state_dict(scheds[1])
+        extra = ckpt.get("vits_fast") or {}
+        self.epoch = int(ckpt.get("epoch", 0))
+        self.global_step = int(ckpt.get("global_step", 0))
+        self.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
+        if "grad_scaler" in extra and self.scaler.is_enabled():
+            self.scaler.load_state_dict(extra["grad_scaler"])
+        if "rng" in extra and self.rank == 0:
+            ckpt_lib.set_rng_state(extra["rng"])
+        else:
+            torch.manual_seed(self.args.seed + self.rank + 7919 * self.global_step)
+        if self.is_main:
+            _LOGGER.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+
+    def _setup_data(self, items: List[Any], bad: List[Any]) -> None:
+        args = self.args
+        cache_dir = args.cache_dir or self.out / "cache"
+        prep_workers = args.num_workers if args.num_workers is not None else min(4, os.cpu_count() or 1)
+        # Training batches: worker processes on GPU runs; on a CPU run the cores are better spent on the model
+        # (loader workers there slow the step down several-fold) unless asked for.
+        if args.num_workers is not None:
+            self.num_workers = args.num_workers
+        else:
+            self.num_workers = min(4, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        if args.phonemizer == "espeak":
+            from .data import piper_phonemizer_available
+
+            if not piper_phonemizer_available():
+                raise DataError("--phonemizer espeak needs piper-tts: pip install vits_fast[phonemize]")
+        phonemizer = Phonemizer(args.espeak_voice or self.info.espeak_voice,
+                                id_map=self.info.phoneme_id_map or default_phoneme_id_map(),
+                                force_characters=args.phonemizer == "characters")
+        self.phoneme_type = phonemizer.kind if any(it.phoneme_ids is None for it in items) else "given"
+        total = len(items) + len(bad)
+        if self.distributed and not self.is_main:
+            dist.barrier()  # wait for rank 0 to build the cache
+        ok, bad2, filtered = prepare_items(items, self.audio, cache_dir, phonemizer=phonemizer,
+                                           num_symbols=self.model_kwargs["n_vocab"],
+                                           max_phoneme_ids=args.max_phoneme_ids,
+                                           num_workers=prep_workers if self.is_main else 0,
+                                           progress=self.is_main and not args.no_progress)
+        if self.distributed and self.is_main:
+            dist.barrier()
+        bad = list(bad) + bad2
+        if self.is_main:
+            report_problems(bad, filtered, args.on_bad_item, log_file=self.out / "bad_items.tsv", total=total)
+        elif bad and args.on_bad_item == "fail":
+            raise DataError(f"{len(bad)} bad item(s) (details on rank 0)")
+        if not ok:
+            raise DataError(f"{args.dataset}: no usable item ({len(bad)} bad, {len(filtered)} filtered)")
+        self.bad_items, self.filtered_items = bad, filtered
+        train, val, test = split_items(ok, args.validation_split, args.num_test_examples, args.seed)
+        self.train_set, self.val_set, self.test_items = TTSDataset(train), TTSDataset(val), test
+        batch_size = args.batch_size or (8 if (args.quality or ("tiny" if self.demo else "")) == "tiny" else 32)
+        self.batch_size = batch_size
+        self.sampler = BucketBatchSampler(self.train_set.lengths, batch_size, num_replicas=self.world,
+                                          rank=self.rank, seed=args.seed)
+        hop = self.audio.hop_length
+        self.collate = Collate(self.model_kwargs["n_speakers"] > 1, self.model_kwargs["segment_size"], hop)
+        pin = args.pin_memory == "yes" or (args.pin_memory == "auto" and self.device.type == "cuda")
+        self.pin_memory = pin
+        if self.is_main:
+            _LOGGER.info("%d training / %d validation items, %d speaker(s), %d Hz, phonemes: %s, batch %d x %d "
+                         "process(es), %d batches per epoch", len(train), len(val), self.model_kwargs["n_speakers"],
+                         self.audio.sample_rate, self.phoneme_type, batch_size, self.world,
+                         self.sampler.batches_per_epoch())
+
+    def _loader(self, dataset: TTSDataset, batch_sampler: Any, epoch: int) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batch_sampler, collate_fn=self.collate, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(self.args.seed + epoch),
+            persistent_workers=False)
+
+    def _wrap_ddp(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        mode = self.args.find_unused_parameters
+        unused: List[str] = []
+        if mode == "auto":
+            unused = self._probe_unused()
+            find_unused = bool(unused)
+        else:
+            find_unused = mode == "yes"
+        if self.is_main and unused:
+            _LOGGER.warning("DDP: %d generator parameter(s) get no gradient (%s...): find_unused_parameters=True",
+                            len(unused), ", ".join(unused[:4]))
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.g_train = DDP(self.model_g, device_ids=ids, find_unused_parameters=find_unused)
+        self.d_train = DDP(self.model_d, device_ids=ids)
+
+    def _probe_unused(self) -> List[str]:
+        """Names of generator parameters that get no gradient from a training forward (RNG untouched)."""
+        self.sampler.set_epoch(self.epoch)
+        batch = next(iter(self._loader(self.train_set, self.sampler, self.epoch))).to(self.device)
+        devices = [self.device.index] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            y_hat, l_length, _, _, _, z_mask, (_, z_p, m_p, logs_p, _, logs_q) = self.model_g(
+                batch.phoneme_ids, batch.phoneme_lengths, batch.spectrograms, batch.spectrogram_lengths,
+                batch.speaker_ids)
+            loss = y_hat.float().mean() + l_length.float().sum() + kl_loss(z_p, logs_q, m_p, logs_p, z_mask)
+            loss.backward()
+        unused = [n for n, p in self.model_g.named_parameters() if p.requires_grad and p.grad is None]
+        self.model_g.zero_grad(set_to_none=True)
+        return unused
+
+    def _write_voice_config(self) -> None:
+        info = self.info
+        config = dict(info.config) if info.config else {}
+        config.update({
+            "audio": {**config.get("audio", {}), "sample_rate": self.audio.sample_rate, "quality": self.quality},
+            "espeak": {"voice": self.args.espeak_voice or info.espeak_voice},
+            "language": config.get("language", {"code": self.args.espeak_voice or info.espeak_voice}),
+            "inference": config.get("inference", {"noise_scale": 0.667, "length_scale": 1, "noise_w": 0.8}),
+            "phoneme_type": config.get("phoneme_type", "text" if self.phoneme_type == "characters" else "espeak"),
+            "phoneme_map": config.get("phoneme_map", {}),
+            "phoneme_id_map": info.phoneme_id_map or default_phoneme_id_map(),
+            "num_symbols": self.model_kwargs["n_vocab"],
+            "num_speakers": self.model_kwargs["n_speakers"],
+            "speaker_id_map": info.speaker_id_map,
+        })
+        config.setdefault("piper_version", "1.0.0")
+        (self.out / "config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _generator_pass(self, g_model: torch.nn.Module, batch: Batch):
+        """Generator forward + mels + real window. Returns (outputs, y_mel, y_hat_mel, y_slice)."""
+        seg = self.model_kwargs["segment_size"]
+        a = self.audio
+        with self._autocast():
+            out = g_model(batch.phoneme_ids, batch.phoneme_lengths, batch.spectrograms, batch.spectrogram_lengths,
+                          batch.speaker_ids)
+        y_hat, ids_slice = out[0], out[3]
+        with torch.autocast(self.device.type, enabled=False):
+            spec_slice = slice_segments(batch.spectrograms, ids_slice, seg)
+            y_mel = spec_to_mel_torch(spec_slice, a.filter_length, a.mel_channels, a.sample_rate, a.mel_fmin, a.mel_fmax)
+            y_hat_mel = mel_spectrogram_torch(y_hat.float().squeeze(1), a.filter_length, a.mel_channels,
+                                              a.sample_rate, a.hop_length, a.win_length, a.mel_fmin, a.mel_fmax)
+            y_slice = slice_segments(batch.audios, ids_slice * a.hop_length, seg * a.hop_length)
+        return out, y_mel, y_hat_mel, y_slice
+
+    def train_step(self, batch: Batch) -> Dict[str, float]:
+        """One Piper step (generator then discriminator update). Returns the losses as floats."""
+        self.g_train.train()
+        self.d_train.train()
+        d_module = self.model_d
+        _set_requires_grad(d_module, False)  # G step: gradients reach y_hat through D, not D's weights
+        out, y_mel, y_hat_mel, y = self._generator_pass(self.g_train, batch)
+        y_hat, l_length, _attn, _ids, _x_mask, z_mask, (_z, z_p, m_p, logs_p, _m_q, logs_q) = out
+        with self._autocast():
+            _, y_d_hat_g, fmap_r, fmap_g = d_module(y, y_hat)
+        with torch.autocast(self.device.type, enabled=False):
+            loss_dur = torch.sum(l_length.float())
+            loss_mel = F.l1_loss(y_mel, y_hat_mel) * C_MEL
+            loss_kl = kl_loss(z_p, logs_q, m_p, logs_p, z_mask) * C_KL
+            loss_fm = feature_loss(fmap_r, fmap_g)
+            loss_gen, _ = generator_loss(y_d_hat_g)
+            loss_g = loss_gen + loss_fm + loss_mel + loss_dur + loss_kl
+        self.scaler.scale(loss_g).backward()
+        _set_requires_grad(d_module, True)
+
+        with self._autocast():
+            y_d_r, y_d_g, _, _ = self.d_train(y, y_hat.detach())
+        with torch.autocast(self.device.type, enabled=False):
+            loss_d, _, _ = discriminator_loss(y_d_r, y_d_g)
+        self.scaler.scale(loss_d).backward()
+
+        scalars = [loss_g.detach(), loss_d.detach(), loss_mel.detach(), loss_kl.detach(), loss_dur.detach(),
+                   loss_gen.detach(), loss_fm.detach()]
+        if self.args.grad_clip is not None:
+            self.scaler.unscale_(self.optim_g)
+            self.scaler.unscale_(self.optim_d)
+            gn_g = torch.nn.utils.clip_grad_norm_(self.model_g.parameters(), self.args.grad_clip)
+            gn_d = torch.nn.utils.clip_grad_norm_(self.model_d.parameters(), self.args.grad_clip)
+            if not self.scaler.is_enabled():  # fp16 overflows are the scaler's business, not an error
+                scalars += [gn_g.detach().float(), gn_d.detach().float()]
+        values = torch.stack([s.float() for s in scalars])
+        finite = torch.isfinite(values).all().float().reshape(1)
+        if self.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+        host = values.tolist()
+        ok = bool(finite.item())  # the one host synchronisation of the step
+        losses = dict(zip(LOSS_NAMES, host[: len(LOSS_NAMES)]))
+        if ok:
+            self.scaler.step(self.optim_g)
+            self.scaler.step(self.optim_d)
+            self.scaler.update()
+            self.nonfinite_skipped = 0
+        else:
+            if self.scaler.is_enabled():  # fp16: treat it as an overflow (back the scale off, clear its state)
+                self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            self._nonfinite(losses)
+        self.optim_g.zero_grad(set_to_none=True)
+        self.optim_d.zero_grad(set_to_none=True)
+        return losses
+
+    def _nonfinite(self, losses: Dict[str, float]) -> None:
+        step = self.global_step + 1
+        detail = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        message = f"non-finite loss or gradient at step {step} (epoch {self.epoch}): {detail}"
+        self.log.write({"step": step, "event": "nonfinite", **{k: (v if math.isfinite(v) else str(v))
+                                                                for k, v in losses.items()}})
+        if self.args.on_nonfinite == "stop":
+            raise NonFiniteLossError(message + " (--on-nonfinite stop; the last checkpoint is untouched)")
+        self.nonfinite_skipped += 1
+        if self.is_main:
+            _LOGGER.warning("%s: update skipped (--on-nonfinite skip, %d in a row)", message, self.nonfinite_skipped)
+        if self.nonfinite_skipped >= self.args.max_nonfinite:
+            raise NonFiniteLossError(f"{self.nonfinite_skipped} consecutive non-finite steps (last: {message})")
+
+    # -- validation and checkpoints ----------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> Dict[str, Any]:
+        """Mel L1 (x45, as in training) on the held-out items, and sample WAVs of the test items."""
+        record: Dict[str, Any] = {"step": self.global_step}
+        g = self.model_g
+        was_training = g.training
+        g.eval()
+        devices = [self.device.index] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.args.seed)
+            if len(self.val_set):
+                sampler = BucketBatchSampler(self.val_set.lengths, self.batch_size, shuffle=False)
+                total, count = 0.0, 0
+                for batch in self._loader(self.val_set, sampler, 0):
+                    batch = batch.to(self.device)
+                    _, y_mel, y_hat_mel, _ = self._generator_pass(g, batch)
+                    total += float(F.l1_loss(y_mel, y_hat_mel)) * C_MEL * len(batch)
+                    count += len(batch)
+                record["val_loss_mel"] = total / max(1, count)
+            if not self.args.no_samples:
+                record["samples"] = self._write_samples()
+        g.train(was_training)
+        self.log.write(record)
+        return record
+
+    def _write_samples(self) -> List[str]:
+        import soundfile as sf
+
+        folder = self.out / "samples" / f"step-{self.global_step:07d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        max_frames = int(30 * self.audio.sample_rate / self.audio.hop_length)
+        for it in self.test_items:
+            x = torch.as_tensor(it.phoneme_ids, dtype=torch.long, device=self.device).unsqueeze(0)
+            x_len = torch.tensor([x.size(1)], device=self.device)
+            sid = torch.tensor([int(it.speaker_id or 0)], device=self.device) if self.num_speakers > 1 else None
+            wav = self.model_g.infer(x, x_len, sid=sid, noise_scale=0.667, length_scale=1.0, noise_scale_w=0.8,
+                                     max_len=max_frames)[0].float().reshape(-1).cpu()
+            wav = wav / max(0.01, float(wav.abs().max()))
+            path = folder / f"{it.id}.wav"
+            sf.write(str(path), wav.numpy(), self.audio.sample_rate, subtype="PCM_16")
+            self.log.audio(it.id, wav, self.audio.sample_rate, self.global_step)
+            paths.append(str(path))
+        return paths
+
+    def hyper_parameters(self) -> Dict[str, Any]:
+        a = self.args
+        return ckpt_lib.piper_hyper_parameters(self.model_kwargs, self.audio, num_speakers=self.num_speakers, training=dict(
+            learning_rate=a.learning_rate, betas=(0.8, 0.99), eps=1e-9, batch_size=self.batch_size,
+            lr_decay=a.lr_decay, init_lr_ratio=1.0, warmup_epochs=0, c_mel=int(C_MEL), c_kl=C_KL,
+            grad_clip=a.grad_clip, num_workers=self.num_workers, seed=a.seed, num_test_examples=a.num_test_examples,
+            validation_split=a.validation_split, max_phoneme_ids=a.max_phoneme_ids, quality=self.quality))
+
+    def save(self) -> Optional[Path]:
+        """Write ``epoch=E-step=S.ckpt`` and ``last.ckpt`` (rank 0 only); keep the newest ``--keep-checkpoints``."""
+        if not self.is_main:
+            return None
+        extra = {"model_kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model_kwargs.items()},
+                 "audio": self.audio.to_dict(), "quality": self.quality, "batch_in_epoch": self.batch_in_epoch,
+                 "rng": ckpt_lib.rng_state(), "speaker_id_map": self.info.speaker_id_map,
+                 "phoneme_type": self.phoneme_type}
+        if self.scaler.is_enabled():
+            extra["grad_scaler"] = self.scaler.state_dict()
+        data = ckpt_lib.build_checkpoint(self.model_g, self.model_d, [self.optim_g, self.optim_d],
+                                         [self.sched_g, self.sched_d], self.epoch, self.global_step,
+                                         self.hyper_parameters(), extra)
+        path = self.ckpt_dir / f"epoch={self.epoch}-step={self.global_step}.ckpt"
+        ckpt_lib.atomic_save(data, path)
+        last = self.ckpt_dir / "last.ckpt"
+        tmp = self.ckpt_dir / "last.ckpt.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, last)
+        olds = sorted((p for p in self.ckpt_dir.glob("epoch=*-step=*.ckpt") if p != path),
+                      key=lambda p: p.stat().st_mtime)
+        for old in olds[: max(0, len(olds) - (self.args.keep_checkpoints - 1))]:
+            old.unlink()
+        _LOGGER.info("saved %s", path)
+        return path
+
+    # -- loop --------------------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        args = self.args
+        max_steps = args.max_steps if args.max_steps is not None else (150 if self.demo else None)
+        max_epochs = args.max_epochs if args.max_epochs is not None else (None if max_steps else 10_000)
+        val_every = args.val_every or (50 if self.demo else 1000)
+        ckpt_every = args.checkpoint_every or (50 if self.demo else 1000)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_steps, initial=self.global_step, desc="training", dynamic_ncols=True,
+                   disable=args.no_progress or not self.is_main)
+        last_saved = -1
+        last_val = -1
+        t_last = time.perf_counter()
+        window_samples, window_steps = 0, 0
+
+        def done() -> bool:
+            return ((max_steps is not None and self.global_step >= max_steps)
+                    or (max_epochs is not None and self.epoch >= max_epochs))
+
+        try:
+            while not done():
+                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                n_batches = self.sampler.batches_per_epoch()
+                epoch_at_start = self.epoch
+                for batch in self._loader(self.train_set, self.sampler, self.epoch):
+                    batch = batch.to(self.device, non_blocking=self.pin_memory)
+                    losses = self.train_step(batch)
+                    self.global_step += 1
+                    self.batch_in_epoch += 1
+                    window_samples += len(batch) * self.world
+                    window_steps += 1
+                    if self.batch_in_epoch >= n_batches:  # epoch boundary: Piper steps the schedulers here
+                        self.sched_g.step()
+                        self.sched_d.step()
+                        self.epoch += 1
+                        self.batch_in_epoch = 0
+                    record = {"step": self.global_step, "epoch": epoch_at_start, **losses}
+                    self.history.append(record)
+                    if self.global_step % args.log_every == 0 or self.global_step == 1 or done():
+                        now = time.perf_counter()
+                        dt = (now - t_last) / max(1, window_steps)
+                        record.update(lr=self.optim_g.param_groups[0]["lr"], s_per_step=dt,
+                                      samples_per_s=window_samples / max(1e-9, now - t_last))
+                        if self.scaler.is_enabled():  # fp16: a falling scale means skipped overflow steps
+                            record["grad_scale"] = float(self.scaler.get_scale())
+                        self.log.write(record)
+                        bar.set_postfix(g=f"{losses['loss_g']:.2f}", d=f"{losses['loss_d']:.2f}",
+                                        mel=f"{losses['loss_mel']:.2f}", sps=f"{record['samples_per_s']:.1f}",
+                                        s_step=f"{dt:.2f}")
+                        if self.is_main and bar.disable:
+                            _LOGGER.info("step %d: loss_g %.3f loss_d %.3f mel %.3f kl %.3f dur %.3f | %.1f samples/s, "
+                                         "%.2f s/step", self.global_step, losses["loss_g"], losses["loss_d"],
+                                         losses["loss_mel"], losses["loss_kl"], losses["loss_dur"],
+                                         record["samples_per_s"], dt)
+                        t_last, window_samples, window_steps = now, 0, 0
+                    bar.update(1)
+                    if self.is_main and (self.global_step % val_every == 0):
+                        val = self.validate()
+                        last_val = self.global_step
+                        msg = (f"step {self.global_step}: loss_mel {losses['loss_mel']:.3f}, validation mel "
+                               f"{val.get('val_loss_mel', float('nan')):.3f}")
+                        bar.write(msg) if not bar.disable else _LOGGER.info("%s", msg)
+                    if self.global_step % ckpt_every == 0:
+                        self.save()
+                        last_saved = self.global_step
+                    if done() or self.epoch != epoch_at_start:
+                        break
+        finally:
+            bar.close()
+        if self.is_main and last_val != self.global_step:
+            self.validate()
+        if last_saved != self.global_step:
+            self.save()
+        if self.distributed:
+            dist.barrier()
+        result = {"global_step": self.global_step, "epoch": self.epoch, "history": self.history,
+                  "checkpoint": str(self.ckpt_dir / "last.ckpt")}
+        if self.is_main and self.history:
+            first, last = self.history[0]["loss_mel"], self.history[-1]["loss_mel"]
+            _LOGGER.info("done: %d steps, mel loss %.3f -> %.3f; checkpoint %s; samples in %s", self.global_step,
+                         first, last, result["checkpoint"], self.out / "samples")
+        self.log.close()
+        return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run training from command-line arguments; returns a summary (steps, loss history, checkpoint path)."""
+    args = build_parser().parse_args(argv)
+    world, rank, _ = _dist_info()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    trainer = Trainer(args)
+    try:
+        trainer.setup()
+        return trainer.fit()
+    finally:
+        if trainer.distributed and dist.is_initialized() and os.environ.get("VITS_FAST_KEEP_PG") != "1":
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, NonFiniteLossError, ckpt_lib.CheckpointError) as exc:
+        logging.getLogger("vits_fast.train").error("%s", exc)
+        sys.exit(1)
