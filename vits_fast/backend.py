@@ -17,7 +17,6 @@ and tracing always take the reference path.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 from typing import Iterator, Optional
@@ -72,14 +71,20 @@ def set_module_backend(module: nn.Module, name: Optional[str]) -> nn.Module:
     return module
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTABLE: Optional[bool] = None
+
+
 def triton_importable() -> bool:
-    """True when ``import triton`` works."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """True when ``import triton`` works (checked once)."""
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        try:
+            import triton  # noqa: F401
+        except Exception:
+            _TRITON_IMPORTABLE = False
+        else:
+            _TRITON_IMPORTABLE = True
+    return _TRITON_IMPORTABLE
 
 
 def interpreter_enabled() -> bool:
