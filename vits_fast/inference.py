@@ -2,8 +2,7 @@
 
 Everything here runs on top of :meth:`SynthesizerTrn.infer`; nothing re-implements the model:
 
-* :func:`encode` is the text side (encoder, durations, flow) = ``infer(..., max_len=1)``; the one-frame decode
-  it implies costs ``1 / frames`` of a full decode.
+* :func:`encode` is the text side (encoder, durations, flow): ``SynthesizerTrn.infer_latent``.
 * :func:`decode` runs the masked HiFi-GAN decoder exactly as ``infer`` does, so ``decode(encode(...))`` equals
   ``infer(...)`` item by item.
 * :func:`stream_decode` decodes a latent in overlapping chunks; the overlap is the decoder's receptive field,
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from .commons import remove_weight_norm
-from .config import AudioConfig, model_kwargs
+from .config import AudioConfig
 from .models import Generator, SynthesizerTrn
 
 _LOGGER = logging.getLogger("vits_fast.inference")
@@ -139,9 +138,8 @@ def encode(model: SynthesizerTrn, x: torch.Tensor, x_lengths: torch.Tensor, sid:
     Draws the same random numbers as ``model.infer`` with the same arguments, so with the same seed
     ``decode(model, encode(model, ...))`` equals ``model.infer(...)[0]``.
     """
-    _, _, y_mask, (z, _, _, _) = model.infer(x, x_lengths, sid=sid, noise_scale=noise_scale,
-                                             length_scale=length_scale, noise_scale_w=noise_scale_w, max_len=1)
-    g = model.emb_g(sid).unsqueeze(-1) if model.n_speakers > 1 else None
+    z, y_mask, g, _, _ = model.infer_latent(x, x_lengths, sid=sid, noise_scale=noise_scale,
+                                            length_scale=length_scale, noise_scale_w=noise_scale_w)
     return Latent(z * y_mask, y_mask, g)
 
 
@@ -583,55 +581,6 @@ class Synthesizer:
 # Voices: checkpoint + config.json
 # --------------------------------------------------------------------------------------------------------
 
-# Piper's VitsModel hyper-parameter -> SynthesizerTrn argument (same name unless listed).
-_HPARAM_RENAME = {"num_symbols": "n_vocab", "num_speakers": "n_speakers"}
-_HPARAM_MODEL_KEYS = ("inter_channels", "hidden_channels", "filter_channels", "n_heads", "n_layers", "kernel_size",
-                      "p_dropout", "resblock", "resblock_kernel_sizes", "resblock_dilation_sizes", "upsample_rates",
-                      "upsample_initial_channel", "upsample_kernel_sizes", "gin_channels", "use_sdp",
-                      "num_symbols", "num_speakers")
-
-
-def _tuple(v: Any) -> Any:
-    return tuple(_tuple(i) for i in v) if isinstance(v, (list, tuple)) else v
-
-
-def synthesizer_kwargs(hparams: Mapping[str, Any], arch: Mapping[str, Any],
-                       extra: Optional[Mapping[str, Any]] = None) -> Tuple[Dict[str, Any], AudioConfig]:
-    """``SynthesizerTrn`` arguments and audio settings of a checkpoint.
-
-    Our checkpoints record them exactly (``extra``: the ``vits_fast`` entry, ``model_kwargs`` and ``audio``);
-    otherwise they come from Piper's ``hyper_parameters``, missing ones taking Piper's ``VitsModel`` defaults
-    (the medium preset) or, for the vocabulary and speaker count, what the tensor shapes say (``arch`` from
-    :func:`vits_fast.checkpoint.infer_architecture`). As in Piper, a multi-speaker model with
-    ``gin_channels <= 0`` gets 512. Without either, the shapes must match a Piper quality preset.
-    """
-    if extra and isinstance(extra.get("model_kwargs"), Mapping):
-        kwargs = {k: _tuple(v) for k, v in extra["model_kwargs"].items()}
-        audio = AudioConfig(**extra["audio"]) if isinstance(extra.get("audio"), Mapping) else AudioConfig()
-        return kwargs, audio
-    hp = dict(hparams)
-    num_symbols = int(hp.get("num_symbols", arch["num_symbols"]))
-    num_speakers = int(hp.get("num_speakers", arch["num_speakers"]))
-    audio = AudioConfig(**{k: hp[k] for k in ("sample_rate", "filter_length", "hop_length", "win_length",
-                                               "mel_channels", "mel_fmin", "mel_fmax") if k in hp})
-    if hp:
-        kwargs = model_kwargs("medium", num_symbols, num_speakers, audio=audio,
-                              segment_size=int(hp.get("segment_size", 8192)))
-        for key in _HPARAM_MODEL_KEYS:
-            if key in hp and hp[key] is not None:
-                kwargs[_HPARAM_RENAME.get(key, key)] = _tuple(hp[key])
-        kwargs["resblock"] = str(kwargs["resblock"])
-        if kwargs["n_speakers"] > 1 and int(kwargs["gin_channels"]) <= 0:
-            kwargs["gin_channels"] = 512
-    else:
-        if arch.get("quality") is None:
-            raise VoiceError("the checkpoint has no hyper_parameters and its tensor shapes match no Piper "
-                             "quality preset: cannot tell how to build the model")
-        kwargs = model_kwargs(arch["quality"], num_symbols, num_speakers, audio=audio,
-                              gin_channels=arch["gin_channels"] or None)
-    return kwargs, audio
-
-
 def find_voice_config(checkpoint: Union[str, Path]) -> Optional[Path]:
     """The ``config.json`` beside a checkpoint or up to three folders above it (Piper's training layout
     ``<dir>/lightning_logs/version_N/checkpoints/*.ckpt``), or None."""
@@ -663,16 +612,15 @@ class Voice:
 
     @property
     def speaker_id_map(self) -> Dict[str, int]:
-        return {str(k): int(v) for k, v in (self.config.get("speaker_id_map") or {}).items()}
+        from .data import config_speaker_id_map
+
+        return config_speaker_id_map(self.config)
 
     @property
     def phoneme_id_map(self) -> Dict[str, List[int]]:
-        raw = self.config.get("phoneme_id_map")
-        if not raw:
-            from .data import default_phoneme_id_map
+        from .data import config_phoneme_id_map, default_phoneme_id_map
 
-            return default_phoneme_id_map()
-        return {k: (list(v) if isinstance(v, list) else [int(v)]) for k, v in raw.items()}
+        return config_phoneme_id_map(self.config) or default_phoneme_id_map()
 
     @property
     def espeak_voice(self) -> str:
@@ -727,20 +675,16 @@ def load_voice(checkpoint: Union[str, Path], config: Optional[Union[str, Path, M
     """Build the generator of one of our or Piper's checkpoints (``.ckpt``, or a bare generator state dict).
 
     ``config``: a Piper ``config.json`` (path or dict); by default the one :func:`find_voice_config` finds.
-    The checkpoint is read with :func:`vits_fast.checkpoint.load_checkpoint` (no code from the file runs).
+    The checkpoint is read with :func:`vits_fast.checkpoint.load_checkpoint` (no code from the file runs) and
+    the model built as :func:`vits_fast.checkpoint.model_config_from_checkpoint` says; both raise
+    :class:`vits_fast.checkpoint.CheckpointError` for a file they cannot use.
     """
     from . import checkpoint as ckpt_lib
 
     checkpoint = Path(checkpoint)
     ckpt = ckpt_lib.load_checkpoint(checkpoint, map_location=map_location)
-    if not isinstance(ckpt, Mapping):
-        raise VoiceError(f"{checkpoint} is not a checkpoint (it holds a {type(ckpt).__name__})")
+    kwargs, audio, _ = ckpt_lib.model_config_from_checkpoint(ckpt, name=f"checkpoint {checkpoint}")
     g_state, _ = ckpt_lib.generator_state(ckpt)
-    arch = ckpt_lib.infer_architecture(g_state)
-    hparams = ckpt_lib.to_plain(ckpt.get("hyper_parameters") or {})
-    extra = ckpt.get("vits_fast")
-    kwargs, audio = synthesizer_kwargs(hparams if isinstance(hparams, Mapping) else {}, arch,
-                                       extra if isinstance(extra, Mapping) else None)
     model = SynthesizerTrn(**kwargs)
     missing = ckpt_lib.load_weights(model, g_state, what=f"checkpoint {checkpoint}")
     if missing:

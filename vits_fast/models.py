@@ -566,6 +566,19 @@ class SynthesizerTrn(nn.Module):
         Each item of a padded batch decodes as it would alone (the decoder is masked), and its audio past
         ``y_mask.sum() * hop`` samples is silence. For a batch of one this is upstream's result exactly; upstream
         lets the padding of shorter items leak into their last samples."""
+        z, y_mask, g, attn, (z_p, m_p, logs_p) = self.infer_latent(x, x_lengths, sid, noise_scale, length_scale,
+                                                                   noise_scale_w)
+        with stage("decoder"):
+            o = self.dec((z * y_mask)[:, :, :max_len], g=g, x_mask=y_mask[:, :, :max_len])
+        return o, attn, y_mask, (z, z_p, m_p, logs_p)
+
+    def infer_latent(self, x: torch.Tensor, x_lengths: torch.Tensor, sid: Optional[torch.Tensor] = None,
+                     noise_scale: float = 0.667, length_scale: float = 1, noise_scale_w: float = 0.8):
+        """The text side of :meth:`infer` (encoder, durations, flow), drawing the same random numbers.
+
+        Returns (z [b, c, t_y], y_mask [b, 1, t_y], g [b, gin, 1] or None, attn [b, 1, t_y, t_x],
+        (z_p, m_p, logs_p)); ``self.dec(z * y_mask, g=g, x_mask=y_mask)`` is then ``infer``'s audio.
+        """
         self._check_text(x, x_lengths)
         with stage("text_encoder"):
             x, m_p, logs_p, x_mask = self.enc_p(x, x_lengths)
@@ -589,9 +602,7 @@ class SynthesizerTrn(nn.Module):
         with stage("flow"):
             z_p = m_p + torch.randn_like(m_p) * torch.exp(logs_p) * noise_scale
             z = self.flow(z_p, y_mask, g=g, reverse=True)
-        with stage("decoder"):
-            o = self.dec((z * y_mask)[:, :, :max_len], g=g, x_mask=y_mask[:, :, :max_len])
-        return o, attn, y_mask, (z, z_p, m_p, logs_p)
+        return z, y_mask, g, attn, (z_p, m_p, logs_p)
 
     def voice_conversion(self, y: torch.Tensor, y_lengths: torch.Tensor, sid_src: torch.Tensor,
                          sid_tgt: torch.Tensor):
