@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vits_fast import checkpoint as ck
-from vits_fast.config import model_kwargs, tiny_model_kwargs
+from vits_fast.config import AudioConfig, model_kwargs, tiny_model_kwargs
 from vits_fast.models import MultiPeriodDiscriminator, SynthesizerTrn
 from vits_fast.train import shrink_discriminator
 
@@ -188,6 +188,86 @@ def test_infer_architecture_from_shapes(quality, speakers):
     assert arch["num_symbols"] == 256 and arch["num_speakers"] == speakers
     assert arch["gin_channels"] == (512 if speakers > 1 else 0)
     assert arch["hidden_channels"] == kw["hidden_channels"] and arch["spec_channels"] == 513
+
+
+def _meta_generator(kw):
+    """Generator state dict (meta tensors: shapes only) in Lightning's layout."""
+    with torch.device("meta"):
+        return {"state_dict": {f"model_g.{k}": v for k, v in SynthesizerTrn(**kw).state_dict().items()}}
+
+
+def _shapes(kw):
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in SynthesizerTrn(**kw).state_dict().items()}
+
+
+_TINY_AUDIO = AudioConfig(sample_rate=16000, filter_length=128, hop_length=16, win_length=128, mel_channels=40,
+                          mel_fmax=7000.0)
+
+
+def test_model_config_of_our_checkpoint_is_the_recorded_one():
+    kw = tiny_model_kwargs(num_symbols=40, num_speakers=3)
+    ckpt = _meta_generator(kw)
+    # As training saves them: tuples as lists; the recorded values win over the (stale) hyper-parameters.
+    ckpt["vits_fast"] = {"model_kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
+                         "audio": _TINY_AUDIO.to_dict(), "quality": "tiny"}
+    ckpt["hyper_parameters"] = {"num_symbols": 7, "sample_rate": 8000}
+    kwargs, audio, quality = ck.model_config_from_checkpoint(ckpt)
+    assert kwargs == kw and isinstance(kwargs["resblock_dilation_sizes"][0], tuple)
+    assert audio == _TINY_AUDIO and quality == "tiny"
+
+
+def test_model_config_from_piper_hyper_parameters():
+    kw = tiny_model_kwargs(num_symbols=40, num_speakers=3, spec_channels=_TINY_AUDIO.spec_channels, segment_size=12,
+                           n_layers=3)
+    ckpt = _meta_generator(kw)
+    ckpt["hyper_parameters"] = ck.piper_hyper_parameters(kw, _TINY_AUDIO, num_speakers=3,
+                                                         training={"learning_rate": 2e-4})
+    kwargs, audio, quality = ck.model_config_from_checkpoint(ckpt)
+    assert kwargs == kw and audio == _TINY_AUDIO and quality is None
+    # The shapes decide the vocabulary and the speakers whatever the hyper-parameters say.
+    ckpt["hyper_parameters"].update(num_symbols=99, num_speakers=1, gin_channels=0)
+    assert ck.model_config_from_checkpoint(ckpt)[0] == kw
+
+
+def test_model_config_fills_missing_hyper_parameters_from_the_shapes_preset():
+    kw = model_kwargs("x-low", num_symbols=100, num_speakers=1)
+    ckpt = _meta_generator(kw)
+    ckpt["hyper_parameters"] = {"num_symbols": 100, "sample_rate": 16000, "n_layers": 6}
+    kwargs, audio, quality = ck.model_config_from_checkpoint(ckpt)
+    assert quality == "x-low" and audio == AudioConfig(sample_rate=16000)
+    assert kwargs == kw and _shapes(kwargs) == _shapes(kw)
+    # Multi-speaker Piper model saved with gin_channels=0: Piper built it with 512 (the embedding's width).
+    multi = model_kwargs("medium", num_symbols=100, num_speakers=4)
+    ckpt = _meta_generator(multi)
+    ckpt["hyper_parameters"] = {"num_symbols": 100, "num_speakers": 4, "gin_channels": 0}
+    kwargs = ck.model_config_from_checkpoint(ckpt)[0]
+    assert kwargs["gin_channels"] == 512 and kwargs == multi
+
+
+@pytest.mark.parametrize("quality,speakers", [("x-low", 1), ("high", 3)])
+def test_model_config_from_shapes_alone(quality, speakers):
+    kw = model_kwargs(quality, num_symbols=120, num_speakers=speakers)
+    ckpt = _meta_generator(kw)
+    kwargs, audio, got_quality = ck.model_config_from_checkpoint(ckpt)
+    assert got_quality == quality and kwargs == kw and audio == AudioConfig()
+    seen = []
+    _, audio, _ = ck.model_config_from_checkpoint(ckpt, default_sample_rate=lambda q: seen.append(q) or 16000)
+    assert seen == [quality] and audio.sample_rate == 16000
+    # A recorded sample rate is not replaced by the default.
+    ckpt["hyper_parameters"] = {"sample_rate": 44100}
+    _, audio, _ = ck.model_config_from_checkpoint(ckpt, default_sample_rate=lambda q: 16000)
+    assert audio.sample_rate == 44100
+
+
+def test_model_config_refuses_what_cannot_be_built():
+    ckpt = _meta_generator(tiny_model_kwargs())  # no hyper-parameters, no preset has these sizes
+    with pytest.raises(ck.CheckpointError, match="bare.pt: cannot tell how to build the model"):
+        ck.model_config_from_checkpoint(ckpt, name="bare.pt")
+    with pytest.raises(ck.CheckpointError, match="no enc_p.emb.weight"):
+        ck.model_config_from_checkpoint({"state_dict": {"model_g.x": torch.zeros(1)}})
+    with pytest.raises(ck.CheckpointError, match="x.pt is not a checkpoint"):
+        ck.model_config_from_checkpoint([1, 2], name="x.pt")
 
 
 def test_drop_speaker_conditioning_removes_exactly_the_conditioning():

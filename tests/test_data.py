@@ -173,6 +173,20 @@ def test_fallback_phonemizer_warns_once(monkeypatch, caplog):
     assert ids == expected
 
 
+def test_phonemize_lists_the_symbols_it_skips():
+    ph = _chars()
+    id_map = D.default_phoneme_id_map()
+    assert "日" not in id_map and "本" not in id_map
+    out = ph.phonemize("Hi 本日 yo 日")
+    expected = [1, 0] + [x for c in "hi  yo " for x in (id_map[c][0], 0)] + [2]  # unknown symbols left out
+    assert out.ids == expected == ph("Hi 本日 yo 日")
+    assert out.unknown == ["日", "本"] and out.num_known == len("hi  yo ")
+    nothing = ph.phonemize("日本")
+    assert nothing.unknown == ["日", "本"] and nothing.num_known == 0 and nothing.ids == [1, 0, 2]
+    clean = ph.phonemize("yo")
+    assert clean.unknown == [] and clean.num_known == 2
+
+
 def test_collate_pads_and_sorts():
     ex = [{"index": i, "phoneme_ids": torch.arange(1, n + 1), "spec": torch.rand(5, f), "audio": torch.rand(1, f * 4),
            "speaker_id": i} for i, (n, f) in enumerate([(3, 4), (6, 9), (2, 2)])]

@@ -209,6 +209,11 @@ def test_make_voice_config_defaults_and_errors():
     small = _randomised(vits_fast.SynthesizerTrn(**tiny_model_kwargs(num_symbols=32)))
     with pytest.raises(export.ExportError, match="vocabulary of 32"):
         export.make_voice_config(small)
+    # check=False (training writes the config of the model it fits): completed, the model's counts win.
+    unchecked = export.make_voice_config(model, {"num_speakers": 1, "speaker_id_map": {"a": 3}}, check=False)
+    assert unchecked["num_speakers"] == 3 and unchecked["speaker_id_map"] == {"a": 3}
+    assert unchecked["inference"] == cfg["inference"] and unchecked["piper_version"] == cfg["piper_version"]
+    assert export.make_voice_config(small, check=False)["num_symbols"] == 32
 
 
 def test_cli_errors(single, tmp_path, capsys):

@@ -302,3 +302,6 @@ def test_default_run_writes_checkpoint_and_sample(tmp_path, monkeypatch):
     assert hp["num_speakers"] == 2 and hp["sample_rate"] == 16000 and hp["hop_length"] == 64
     config = json.loads((out / "config.json").read_text())
     assert config["num_speakers"] == 2 and config["audio"]["sample_rate"] == 16000
+    assert config["audio"]["quality"] == "tiny" and config["num_symbols"] == hp["num_symbols"]
+    assert config["inference"] == {"noise_scale": 0.667, "length_scale": 1, "noise_w": 0.8}
+    assert config["speaker_id_map"] and config["phoneme_id_map"] and config["piper_version"]

@@ -33,10 +33,12 @@ import pickle
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
+
+from .config import PRESETS, AudioConfig, model_kwargs as preset_model_kwargs
 
 PathLike = Union[str, os.PathLike]
 
@@ -367,8 +369,6 @@ def infer_architecture(g: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
         num_speakers=int(emb_g.shape[0]) if emb_g is not None else 1,
         gin_channels=int(emb_g.shape[1]) if emb_g is not None else 0,
     )
-    from .config import PRESETS
-
     arch["quality"] = None
     for quality, preset in PRESETS.items():
         if (preset["hidden_channels"] == arch["hidden_channels"]
@@ -380,6 +380,100 @@ def infer_architecture(g: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
             arch["quality"] = quality
             break
     return arch
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model configuration of a checkpoint
+# --------------------------------------------------------------------------------------------------------
+
+# Piper's VitsModel hyper-parameters that are SynthesizerTrn arguments (same name unless renamed here). The
+# vocabulary, speaker count and gin_channels are not among them: the tensor shapes say those exactly.
+_HPARAM_MODEL_KEYS = ("inter_channels", "hidden_channels", "filter_channels", "n_heads", "n_layers", "kernel_size",
+                      "p_dropout", "resblock", "resblock_kernel_sizes", "resblock_dilation_sizes", "upsample_rates",
+                      "upsample_initial_channel", "upsample_kernel_sizes", "use_sdp")
+# Qualities a checkpoint may name in its hyper-parameters (ours record "tiny" for the CPU demo preset).
+_KNOWN_QUALITIES = ("tiny",) + tuple(PRESETS)
+
+
+def _tuple(v: Any) -> Any:
+    """Lists (nested) -> tuples, as SynthesizerTrn's presets spell them."""
+    return tuple(_tuple(i) for i in v) if isinstance(v, (list, tuple)) else v
+
+
+def _audio_from_hparams(hp: Mapping[str, Any], default_sample_rate: int) -> AudioConfig:
+    """STFT/mel settings from Piper hyper-parameters; missing ones take ``VitsModel``'s defaults."""
+    d = AudioConfig()
+    mel_fmax = hp.get("mel_fmax", d.mel_fmax)
+    return AudioConfig(sample_rate=int(hp.get("sample_rate") or default_sample_rate),
+                       filter_length=int(hp.get("filter_length") or d.filter_length),
+                       hop_length=int(hp.get("hop_length") or d.hop_length),
+                       win_length=int(hp.get("win_length") or d.win_length),
+                       mel_channels=int(hp.get("mel_channels") or d.mel_channels),
+                       mel_fmin=float(hp.get("mel_fmin") or 0.0),
+                       mel_fmax=None if mel_fmax is None else float(mel_fmax))
+
+
+def model_config_from_checkpoint(
+    ckpt: Mapping[str, Any], *, default_sample_rate: Optional[Callable[[Optional[str]], int]] = None,
+    name: str = "the checkpoint",
+) -> Tuple[Dict[str, Any], AudioConfig, Optional[str]]:
+    """``(SynthesizerTrn kwargs, audio settings, quality)`` of a loaded checkpoint (ours, Piper's or bare).
+
+    In order of trust:
+
+    1. Ours: the ``vits_fast`` entry records ``model_kwargs``, ``audio`` and ``quality`` exactly; they are
+       returned as recorded (lists as tuples).
+    2. Piper's ``hyper_parameters`` (``VitsModel`` keyword arguments): each one present is used, a missing one
+       takes the value of the quality preset the tensor shapes match, else ``VitsModel``'s default (the medium
+       preset). ``segment_size`` is in samples there and becomes frames.
+    3. No hyper-parameters: the Piper quality preset the tensor shapes match.
+
+    Outside (1) the vocabulary (``n_vocab``), speaker count (``n_speakers``) and ``gin_channels`` are read off
+    the tensor shapes (:func:`infer_architecture`): the weights must fit them whatever the hyper-parameters
+    say. Piper gives a multi-speaker model with ``gin_channels <= 0`` 512 channels; the speaker embedding it
+    saved has that width, so the shapes carry the rule. ``quality`` is the one recorded (``vits_fast`` entry,
+    a ``quality`` hyper-parameter) or the preset the shapes match, None for a custom architecture.
+
+    ``default_sample_rate(quality)`` gives the sample rate when the checkpoint records none (default: 22050,
+    Piper's). ``name`` names the checkpoint in errors. Raises :class:`CheckpointError` when the file is no
+    VITS/Piper generator, or has no hyper-parameters and its shapes match no preset (nothing says how to build
+    the model).
+    """
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{name} is not a checkpoint (it holds a {type(ckpt).__name__})")
+    hp = to_plain(ckpt.get("hyper_parameters") or {})
+    hp = dict(hp) if isinstance(hp, Mapping) else {}
+    extra = ckpt.get("vits_fast")
+    extra = extra if isinstance(extra, Mapping) else {}
+
+    def sample_rate_for(quality: Optional[str]) -> int:
+        return int(default_sample_rate(quality)) if default_sample_rate is not None else AudioConfig().sample_rate
+
+    if isinstance(extra.get("model_kwargs"), Mapping):
+        quality = extra.get("quality")
+        kwargs = {k: _tuple(v) for k, v in extra["model_kwargs"].items()}
+        recorded_audio = extra.get("audio")
+        audio = (AudioConfig(**recorded_audio) if isinstance(recorded_audio, Mapping)
+                 else _audio_from_hparams(hp, sample_rate_for(quality)))
+        return kwargs, audio, quality
+
+    arch = infer_architecture(generator_state(ckpt)[0])
+    quality = hp["quality"] if hp.get("quality") in _KNOWN_QUALITIES else arch["quality"]
+    audio = _audio_from_hparams(hp, sample_rate_for(quality))
+    n_vocab, n_speakers = arch["num_symbols"], arch["num_speakers"]
+    if hp:
+        kwargs = preset_model_kwargs(arch["quality"] or "medium", n_vocab, n_speakers, audio=audio,
+                                     segment_size=int(hp.get("segment_size") or 8192))
+        kwargs.update({k: _tuple(hp[k]) for k in _HPARAM_MODEL_KEYS if hp.get(k) is not None})
+        kwargs["resblock"] = str(kwargs["resblock"])
+    elif arch["quality"] is not None:
+        kwargs = preset_model_kwargs(arch["quality"], n_vocab, n_speakers, audio=audio)
+    else:
+        sizes = {k: v for k, v in arch.items() if k != "quality"}
+        raise CheckpointError(f"{name}: cannot tell how to build the model: it has no hyper_parameters and its "
+                              f"tensor shapes match no Piper quality preset ({sizes})")
+    kwargs["gin_channels"] = arch["gin_channels"]
+    return kwargs, audio, quality
 
 
 def drop_speaker_conditioning(g: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:

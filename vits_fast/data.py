@@ -31,7 +31,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -108,6 +108,17 @@ def piper_phonemizer_available() -> bool:
     return True
 
 
+@dataclass
+class Phonemes:
+    """What :meth:`Phonemizer.phonemize` made of a text: ``ids`` (phoneme ids, sentence framing ``^ _ ... $``
+    included), ``num_known`` (symbols of the text the map has; each gave ids) and ``unknown`` (the distinct
+    symbols missing from the map, which were skipped; sorted)."""
+
+    ids: List[int]
+    num_known: int
+    unknown: List[str]
+
+
 class Phonemizer:
     """Text -> Piper phoneme ids (``^ _ p1 _ p2 _ ... $`` per sentence, sentences concatenated).
 
@@ -142,21 +153,30 @@ class Phonemizer:
             return self._espeak.phonemize(self.voice, text)
         return [list(unicodedata.normalize("NFD", text.lower()))]
 
-    def __call__(self, text: str) -> List[int]:
-        """Phoneme ids of ``text`` (symbols missing from the map are skipped)."""
+    def phonemize(self, text: str) -> Phonemes:
+        """Phoneme ids of ``text`` with what was left out: symbols missing from the map are skipped and
+        listed in :attr:`Phonemes.unknown`."""
         bos, pad, eos = self.id_map["^"], self.id_map["_"], self.id_map["$"]
         ids: List[int] = []
+        known = 0
+        unknown: set = set()
         for sentence in self._sentences(text):
             ids.extend(bos)
             ids.extend(pad)
             for symbol in sentence:
                 mapped = self.id_map.get(symbol)
                 if mapped is None:
+                    unknown.add(symbol)
                     continue
+                known += 1
                 ids.extend(mapped)
                 ids.extend(pad)
             ids.extend(eos)
-        return ids
+        return Phonemes(ids=ids, num_known=known, unknown=sorted(unknown))
+
+    def __call__(self, text: str) -> List[int]:
+        """Phoneme ids of ``text`` (symbols missing from the map are skipped)."""
+        return self.phonemize(text).ids
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -171,15 +191,26 @@ def _read_config(folder: Path) -> Dict[str, Any]:
         return json.load(f)
 
 
+def config_phoneme_id_map(config: Mapping[str, Any]) -> Optional[Dict[str, List[int]]]:
+    """A Piper voice config's ``phoneme_id_map`` with every entry a list of ids (None when it has none)."""
+    raw = config.get("phoneme_id_map")
+    if not raw:
+        return None
+    return {k: (list(v) if isinstance(v, list) else [int(v)]) for k, v in raw.items()}
+
+
+def config_speaker_id_map(config: Mapping[str, Any]) -> Dict[str, int]:
+    """A Piper voice config's ``speaker_id_map`` as name -> int (empty when it has none)."""
+    return {str(k): int(v) for k, v in (config.get("speaker_id_map") or {}).items()}
+
+
 def _info_from_config(root: Path, kind: str, config: Dict[str, Any]) -> DatasetInfo:
     info = DatasetInfo(root=root, kind=kind, config=config)
     if config:
         info.sample_rate = config.get("audio", {}).get("sample_rate")
         info.num_symbols = config.get("num_symbols")
-        raw_map = config.get("phoneme_id_map")
-        if raw_map:
-            info.phoneme_id_map = {k: (list(v) if isinstance(v, list) else [int(v)]) for k, v in raw_map.items()}
-        info.speaker_id_map = {str(k): int(v) for k, v in (config.get("speaker_id_map") or {}).items()}
+        info.phoneme_id_map = config_phoneme_id_map(config)
+        info.speaker_id_map = config_speaker_id_map(config)
         info.num_speakers = int(config.get("num_speakers") or max(1, len(info.speaker_id_map)))
         info.espeak_voice = config.get("espeak", {}).get("voice", info.espeak_voice)
     return info

@@ -247,16 +247,18 @@ def onnx_config_path(onnx_path: Union[str, Path]) -> Path:
 
 def make_voice_config(model: SynthesizerTrn, base: Optional[Mapping[str, Any]] = None, *,
                       sample_rate: Optional[int] = None, quality: Optional[str] = None,
-                      espeak_voice: Optional[str] = None) -> Dict[str, Any]:
+                      espeak_voice: Optional[str] = None, check: bool = True) -> Dict[str, Any]:
     """Piper's voice config for ``model``: ``base`` (the training ``config.json``) completed and checked.
 
     Fills ``audio.sample_rate``/``quality``, ``espeak.voice``, ``language.code``, ``inference`` scales (Piper's
     defaults), ``phoneme_type`` ("espeak"), ``phoneme_map``, ``phoneme_id_map`` (Piper's default map),
     ``speaker_id_map`` and ``piper_version`` where missing; ``num_symbols``/``num_speakers`` come from the model.
-    Raises :class:`ExportError` when the config does not fit the model (speaker count, ids beyond the vocabulary).
+    With ``check`` (the default) raises :class:`ExportError` when the config does not fit the model (speaker
+    count, ids beyond the vocabulary); training, which writes the config its model is being fitted to, passes
+    False.
     """
     cfg: Dict[str, Any] = copy.deepcopy(dict(base or {}))
-    if cfg.get("num_speakers") is not None and int(cfg["num_speakers"]) != model.n_speakers:
+    if check and cfg.get("num_speakers") is not None and int(cfg["num_speakers"]) != model.n_speakers:
         raise ExportError(f"the voice config says {cfg['num_speakers']} speaker(s), the model has "
                           f"{model.n_speakers}")
     audio = cfg.setdefault("audio", {})
@@ -282,14 +284,14 @@ def make_voice_config(model: SynthesizerTrn, base: Optional[Mapping[str, Any]] =
         cfg["phoneme_id_map"] = default_phoneme_id_map()
     too_big = {sym: ids for sym, ids in cfg["phoneme_id_map"].items()
                if any(int(i) >= model.n_vocab or int(i) < 0 for i in (ids if isinstance(ids, list) else [ids]))}
-    if too_big:
+    if check and too_big:
         raise ExportError(f"the phoneme_id_map uses ids outside the model's vocabulary of {model.n_vocab} symbols: "
                           f"{dict(list(too_big.items())[:5])}")
     cfg["num_symbols"] = int(model.n_vocab)
     cfg["num_speakers"] = int(model.n_speakers)
     speakers = cfg.setdefault("speaker_id_map", {})
     bad = {k: v for k, v in speakers.items() if not 0 <= int(v) < model.n_speakers}
-    if bad:
+    if check and bad:
         raise ExportError(f"speaker_id_map has ids outside 0..{model.n_speakers - 1}: {bad}")
     cfg.setdefault("piper_version", PIPER_VERSION)
     return cfg

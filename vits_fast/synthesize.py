@@ -25,7 +25,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,18 +64,6 @@ def read_utterances(args: argparse.Namespace, stdin: Iterable[str]) -> List[str]
     return utterances
 
 
-def _unknown_symbols(phonemizer, text: str) -> Tuple[List[str], int]:
-    """(symbols of ``text`` missing from the phoneme map, number of known symbols).
-
-    Adapter: :class:`vits_fast.data.Phonemizer` skips unmapped symbols silently and has no public way to list
-    them, so this reads its per-sentence symbols (``_sentences``).
-    """
-    sentences = phonemizer._sentences(text)
-    unknown = sorted({s for sentence in sentences for s in sentence if s not in phonemizer.id_map})
-    known = sum(1 for sentence in sentences for s in sentence if s in phonemizer.id_map)
-    return unknown, known
-
-
 def to_phoneme_ids(utterances: Sequence[str], voice: Voice, *, phoneme_ids: bool,
                    skip_unknown: bool) -> List[List[int]]:
     """Phonemise (or parse) every utterance and check it against the voice's vocabulary."""
@@ -103,15 +91,15 @@ def to_phoneme_ids(utterances: Sequence[str], voice: Voice, *, phoneme_ids: bool
         for i in ids:
             id_to_symbol.setdefault(int(i), symbol)
     for n, text in enumerate(utterances, 1):
-        unknown, known = _unknown_symbols(phonemizer, text)
+        phonemes = phonemizer.phonemize(text)
+        unknown, ids = phonemes.unknown, phonemes.ids
         if unknown and not skip_unknown:
             raise VoiceError(f"utterance {n}: symbol(s) {' '.join(repr(s) for s in unknown)} are not in the voice's "
                              f"phoneme_id_map ({phonemizer.kind} phonemes); remove them or pass --skip-unknown")
         if unknown:
             _LOGGER.warning("utterance %d: skipping symbol(s) missing from the phoneme map: %s", n, unknown)
-        if known == 0:
+        if phonemes.num_known == 0:
             raise VoiceError(f"utterance {n} has no phonemes to speak: {text[:60]!r}")
-        ids = phonemizer(text)
         bad = [i for i in ids if not 0 <= i < n_vocab]
         if bad:
             raise VoiceError(f"utterance {n}: symbol {id_to_symbol.get(bad[0], '?')!r} has phoneme id {bad[0]}, "

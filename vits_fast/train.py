@@ -47,6 +47,7 @@ from .commons import slice_segments
 from .config import AudioConfig, PRESETS, model_kwargs as preset_model_kwargs, tiny_model_kwargs
 from .data import (CORPUS_DIR, Batch, BucketBatchSampler, Collate, DataError, Phonemizer, TTSDataset,
                    default_phoneme_id_map, prepare_items, read_dataset, report_problems, split_items)
+from .inference import DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W
 from .losses import discriminator_loss, feature_loss, generator_loss, kl_loss
 from .mel_processing import mel_spectrogram_torch, spec_to_mel_torch
 from .models import MultiPeriodDiscriminator, SynthesizerTrn
@@ -173,33 +174,10 @@ def _discriminator_divisor(d_state: Dict[str, torch.Tensor], default: int) -> in
     return default
 
 
-def _kwargs_from_hparams(hp: Dict[str, Any]) -> Optional[Tuple[Dict[str, Any], AudioConfig]]:
-    """SynthesizerTrn kwargs + audio settings from Piper ``VitsModel`` hyper-parameters (None if incomplete)."""
-    need = ("num_symbols", "inter_channels", "hidden_channels", "filter_channels", "resblock", "upsample_rates",
-            "upsample_initial_channel", "upsample_kernel_sizes", "resblock_kernel_sizes", "resblock_dilation_sizes")
-    if not all(k in hp for k in need):
-        return None
-    audio = AudioConfig(sample_rate=int(hp.get("sample_rate", 22050)), filter_length=int(hp.get("filter_length", 1024)),
-                        hop_length=int(hp.get("hop_length", 256)), win_length=int(hp.get("win_length", 1024)),
-                        mel_channels=int(hp.get("mel_channels", 80)), mel_fmin=float(hp.get("mel_fmin", 0.0) or 0.0),
-                        mel_fmax=hp.get("mel_fmax"))
-    num_speakers = int(hp.get("num_speakers", 1))
-    gin = int(hp.get("gin_channels", 0) or 0)
-    if num_speakers > 1 and gin <= 0:
-        gin = 512
-    kwargs = dict(
-        n_vocab=int(hp["num_symbols"]), spec_channels=audio.spec_channels,
-        segment_size=int(hp.get("segment_size", 8192)) // audio.hop_length,
-        inter_channels=int(hp["inter_channels"]), hidden_channels=int(hp["hidden_channels"]),
-        filter_channels=int(hp["filter_channels"]), n_heads=int(hp.get("n_heads", 2)),
-        n_layers=int(hp.get("n_layers", 6)), kernel_size=int(hp.get("kernel_size", 3)),
-        p_dropout=float(hp.get("p_dropout", 0.1)), resblock=str(hp["resblock"]),
-        resblock_kernel_sizes=tuple(hp["resblock_kernel_sizes"]),
-        resblock_dilation_sizes=tuple(tuple(x) for x in hp["resblock_dilation_sizes"]),
-        upsample_rates=tuple(hp["upsample_rates"]), upsample_initial_channel=int(hp["upsample_initial_channel"]),
-        upsample_kernel_sizes=tuple(hp["upsample_kernel_sizes"]), n_speakers=num_speakers, gin_channels=gin,
-        use_sdp=bool(hp.get("use_sdp", True)))
-    return kwargs, audio
+def _default_sample_rate(quality: Optional[str]) -> int:
+    """Sample rate when neither ``--sample-rate``, the dataset nor a checkpoint gives one: Piper's x-low voices
+    (and the tiny demo preset) are 16 kHz, the others 22.05 kHz."""
+    return 16000 if quality in ("tiny", "x-low") else 22050
 
 
 def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
@@ -301,7 +279,7 @@ class Trainer:
                 _LOGGER.warning("--quality %s ignored: the checkpoint is %s", args.quality, ckpt_quality)
             quality = ckpt_quality or quality
         else:
-            sample_rate = args.sample_rate or info.sample_rate or (16000 if quality in ("tiny", "x-low") else 22050)
+            sample_rate = args.sample_rate or info.sample_rate or _default_sample_rate(quality)
             num_symbols = int(info.num_symbols or 256)
             if quality == "tiny":
                 audio = replace(TINY_AUDIO, sample_rate=sample_rate)
@@ -363,35 +341,16 @@ class Trainer:
         if self.is_main:
             self._write_voice_config()
 
-    def _architecture_from(self, ckpt: Dict[str, Any], path: Any) -> Optional[Tuple[Dict[str, Any], AudioConfig, Optional[str]]]:
-        extra = ckpt.get("vits_fast") if isinstance(ckpt, dict) else None
-        if isinstance(extra, dict) and "model_kwargs" in extra:
-            kw = dict(extra["model_kwargs"])
-            audio = AudioConfig(**extra["audio"])
-            return kw, audio, extra.get("quality")
-        g, _ = ckpt_lib.generator_state(ckpt)
-        arch = ckpt_lib.infer_architecture(g)
-        hp = ckpt_lib.to_plain(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
-        from_hp = _kwargs_from_hparams(hp) if isinstance(hp, dict) else None
-        if from_hp is not None:
-            kw, audio = from_hp
-        elif arch["quality"] is not None:
-            sr = self.args.sample_rate or (16000 if arch["quality"] == "x-low" else 22050)
-            audio = AudioConfig(sample_rate=int(hp.get("sample_rate", sr)) if isinstance(hp, dict) else sr)
-            kw = preset_model_kwargs(arch["quality"], arch["num_symbols"], arch["num_speakers"],
-                                     audio=audio, gin_channels=arch["gin_channels"] or None)
-        else:
-            raise ckpt_lib.CheckpointError(f"{path}: cannot tell the architecture (no hyper-parameters and no "
-                                           f"Piper preset matches: {arch})")
-        kw["n_vocab"] = arch["num_symbols"]
-        kw["n_speakers"] = arch["num_speakers"]
-        kw["gin_channels"] = arch["gin_channels"]
-        quality = arch["quality"]
-        if isinstance(hp, dict) and hp.get("quality") in (("tiny",) + tuple(PRESETS)):
-            quality = hp["quality"]
+    def _architecture_from(self, ckpt: Dict[str, Any], path: Any) -> Tuple[Dict[str, Any], AudioConfig, Optional[str]]:
+        """Model kwargs, audio settings and quality of a checkpoint (see
+        :func:`vits_fast.checkpoint.model_config_from_checkpoint`); a checkpoint that records no sample rate gets
+        ``--sample-rate``, else :func:`_default_sample_rate` of its quality."""
+        kw, audio, quality = ckpt_lib.model_config_from_checkpoint(
+            ckpt, name=str(path),
+            default_sample_rate=lambda q: self.args.sample_rate or _default_sample_rate(q))
         if self.is_main:
-            _LOGGER.info("%s: quality %s, %d symbols, %d speaker(s) (read from its tensor shapes)", path,
-                         quality or "custom", arch["num_symbols"], arch["num_speakers"])
+            _LOGGER.info("%s: quality %s, %d symbols, %d speaker(s)", path, quality or "custom", kw["n_vocab"],
+                         kw["n_speakers"])
         return kw, audio, quality
 
     def _init_weights(self, ckpt: Dict[str, Any], path: Path) -> None:
@@ -539,22 +498,18 @@ class Trainer:
         return unused
 
     def _write_voice_config(self) -> None:
+        """``config.json``: the dataset's config completed for this model (see
+        :func:`vits_fast.export.make_voice_config`)."""
+        from .export import make_voice_config, write_voice_config
+
         info = self.info
-        config = dict(info.config) if info.config else {}
-        config.update({
-            "audio": {**config.get("audio", {}), "sample_rate": self.audio.sample_rate, "quality": self.quality},
-            "espeak": {"voice": self.args.espeak_voice or info.espeak_voice},
-            "language": config.get("language", {"code": self.args.espeak_voice or info.espeak_voice}),
-            "inference": config.get("inference", {"noise_scale": 0.667, "length_scale": 1, "noise_w": 0.8}),
-            "phoneme_type": config.get("phoneme_type", "text" if self.phoneme_type == "characters" else "espeak"),
-            "phoneme_map": config.get("phoneme_map", {}),
-            "phoneme_id_map": info.phoneme_id_map or default_phoneme_id_map(),
-            "num_symbols": self.model_kwargs["n_vocab"],
-            "num_speakers": self.model_kwargs["n_speakers"],
-            "speaker_id_map": info.speaker_id_map,
-        })
-        config.setdefault("piper_version", "1.0.0")
-        (self.out / "config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        base = dict(info.config or {})
+        base.setdefault("phoneme_type", "text" if self.phoneme_type == "characters" else "espeak")
+        base.update(phoneme_id_map=info.phoneme_id_map or default_phoneme_id_map(),
+                    speaker_id_map=info.speaker_id_map)
+        config = make_voice_config(self.model_g, base, sample_rate=self.audio.sample_rate, quality=self.quality,
+                                   espeak_voice=self.args.espeak_voice or info.espeak_voice, check=False)
+        write_voice_config(config, self.out / "config.json")
 
     # -- one step ----------------------------------------------------------------------------------------
     def _autocast(self):
@@ -684,7 +639,8 @@ class Trainer:
             x = torch.as_tensor(it.phoneme_ids, dtype=torch.long, device=self.device).unsqueeze(0)
             x_len = torch.tensor([x.size(1)], device=self.device)
             sid = torch.tensor([int(it.speaker_id or 0)], device=self.device) if self.num_speakers > 1 else None
-            wav = self.model_g.infer(x, x_len, sid=sid, noise_scale=0.667, length_scale=1.0, noise_scale_w=0.8,
+            wav = self.model_g.infer(x, x_len, sid=sid, noise_scale=DEFAULT_NOISE_SCALE,
+                                     length_scale=DEFAULT_LENGTH_SCALE, noise_scale_w=DEFAULT_NOISE_SCALE_W,
                                      max_len=max_frames)[0].float().reshape(-1).cpu()
             wav = wav / max(0.01, float(wav.abs().max()))
             path = folder / f"{it.id}.wav"
