@@ -16,21 +16,9 @@ from vits_fast.config import AudioConfig, model_kwargs, tiny_model_kwargs
 from vits_fast.mel_processing import spectrogram_torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests._util import one_thread, randomised as _randomised  # noqa: E402,F401
 
-
-def _randomised(module, seed=0, scale=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return module.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _MODELS = {}

@@ -19,6 +19,8 @@ import vits_fast
 from vits_fast import commons, models, modules
 from vits_fast.config import model_kwargs, tiny_model_kwargs
 
+from tests._util import randomised as _randomised
+
 DATA = Path(__file__).parent / "data"
 TABLES = json.loads((DATA / "piper_state_dicts.json").read_text())
 PRESET_CASES = {"x-low": ("x-low", 1), "medium": ("medium", 1), "medium-multispeaker": ("medium", 10),
@@ -123,13 +125,6 @@ def test_outputs_equal_upstream(case):
 
 # --- invariances ------------------------------------------------------------------------------------------------
 
-def _randomised(module, seed=0, scale=0.2):
-    """Fill every parameter with random values (zero-initialised projections would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return module.eval()
 
 
 def _ragged(lengths, extra):

@@ -21,21 +21,9 @@ from vits_fast.config import AudioConfig, tiny_model_kwargs  # noqa: E402
 from vits_fast.data import default_phoneme_id_map  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests._util import one_thread, randomised as _randomised  # noqa: E402,F401
 
-
-def _randomised(module, seed=0, scale=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return module.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(num_speakers, seed):
