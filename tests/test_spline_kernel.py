@@ -449,6 +449,26 @@ def test_conv_flow_module_matches_reference(reverse, fused_calls):
         torch.testing.assert_close(a, b, rtol=F64_TOL[0], atol=F64_TOL[1])
 
 
+def test_conv_flow_under_autocast_keeps_reference_dtypes(fused_calls):
+    """fp32 flow state with a bf16 projection (autocast): the reference's output dtypes, and its values up to the
+    spline's fp32 rounding (both paths get the same bf16 projection from PyTorch)."""
+    from vits_fast.modules import ConvFlow
+
+    flow = _randomise(ConvFlow(2, 8, 3, n_layers=2), seed=6).to(DEVICE)
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 2, 11, generator=g) * 2).to(DEVICE)
+    mask = _ragged_mask([11, 6], 11, torch.float32).to(DEVICE)
+    outs = {}
+    for name in ("triton", "reference"):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16), backend(name):
+            outs[name] = flow(x, mask)
+    assert len(fused_calls) == 1
+    (a, la), (b, lb) = outs["triton"], outs["reference"]
+    assert a.dtype == b.dtype == torch.float32 and la.dtype == lb.dtype
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+
+
 def _sdp(dtype, n_flows=4):
     from vits_fast.models import StochasticDurationPredictor
 

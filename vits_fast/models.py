@@ -208,6 +208,10 @@ class ResidualCouplingBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, x_mask: torch.Tensor, g: Optional[torch.Tensor] = None,
                 reverse: bool = False) -> torch.Tensor:
+        if use_triton(x, module=self):  # fused couplings that write their output already flipped
+            from .kernels import coupling as _coupling
+
+            return _coupling.residual_coupling_block_forward(self, x, x_mask, g, reverse)
         if not reverse:
             for flow in self.flows:
                 x, _ = flow(x, x_mask, g=g, reverse=False)
