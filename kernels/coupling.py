@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import empty, launch
+
 BLOCK = 1024  # elements of the flattened [C, T] half per program (4 warps: 8 per thread)
 NUM_WARPS = 4
 
@@ -191,17 +193,10 @@ _SUPPORTED = {(dx, ds) for dx in _TL for ds in _TL if (_TL[dx], _TL[ds]) in _PAI
 # launchers
 
 
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a kernel output (tests replace this to NaN-fill outputs)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_empty = empty  # module-level name, so tests can NaN-fill this file's outputs
 
 
-def _launch(kernel, grid, ref: torch.Tensor, *args, **kwargs) -> None:
-    if ref.is_cuda:
-        with torch.cuda.device(ref.device):
-            kernel[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+_launch = launch
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -297,7 +292,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_logdet):
     x, stats, x_mask = ctx.saved_tensors
     if ctx.needs_input_grad[2]:
-        raise NotImplementedError("vits_fast::affine_coupling: x_mask is a constant; it cannot require grad")
+        raise ValueError("vits_fast::affine_coupling: x_mask is a constant; it cannot require grad")
     if grad_out is None:
         grad_out = torch.zeros_like(x)
     if grad_logdet is None:

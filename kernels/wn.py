@@ -75,6 +75,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import empty, launch
+
 BLOCK = 1024  # elements per program of the flattened kernels (4 warps: 8 per thread)
 COND_BLOCK_C, COND_BLOCK_T = 4, 128  # tile of the conditioned gate backward (4 warps: 4 per thread)
 
@@ -354,9 +356,7 @@ COMPILE_CONFIGS = _compile_configs()
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a kernel output (tests replace this to NaN-fill outputs)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_empty = empty  # module-level name, so tests can NaN-fill this file's outputs
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -369,12 +369,7 @@ def _check_device(t: torch.Tensor) -> None:
                            "under TRITON_INTERPRET=1")
 
 
-def _launch(kernel, grid, ref: torch.Tensor, *args, **kwargs) -> None:
-    if ref.is_cuda:
-        with torch.cuda.device(ref.device):
-            kernel[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+_launch = launch
 
 
 def _flat_grid(b: int, h: int, t: int):
