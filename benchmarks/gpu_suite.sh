@@ -4,8 +4,10 @@
 # Phases (each under a hard time limit, so the whole suite stays under 9 minutes on one H100; a phase that hits
 # its limit is interrupted with SIGINT, and pytest still writes the results it has):
 #   env       device, driver, torch/triton/CUDA versions                          -> env.txt
+#   wheels    missing packages from the carried .whl/ into /tmp/vits_fast_site  -> wheels.log
 #   install   pip install --no-deps --no-build-isolation -e .  (no network on the GPU machines; builds the
-#             Cython alignment search)                                            -> install.log
+#             Cython alignment search); if that fails, the source tree with kernels/ linked in -> install.log
+#   calibrate copy bandwidth, matmul/conv rates per dtype, launch cost           -> calibrate.log, calibration.json
 #   tests     the test suite on CUDA (pytest -q tests)                            -> tests.log, tests.xml
 #   profile   python -m vits_fast.profile for train-step, infer and every kernel (medium), with achieved
 #             bandwidth against the measured copy bandwidth                       -> profile.log, traces/*.json.gz
@@ -31,16 +33,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 START=$(date +%s)
 
-# Time limits (seconds): 470 s in all, plus at most 10 s per interrupted phase and ~15 s of the script's own.
+# Time limits (seconds): 410 s in all (so that a 15-minute lease leaves room for a second, shorter call), plus at most 10 s per interrupted phase and ~15 s of the script's own.
 # A phase interrupted at its limit gets 10 s more to write its results before it is killed.
 T_INSTALL=${T_INSTALL:-40}
-T_TESTS=${T_TESTS:-130}
+T_CALIBRATE=${T_CALIBRATE:-30}
+T_TESTS=${T_TESTS:-100}
 T_PROFILE=${T_PROFILE:-35}
-T_BENCH_KERNELS=${T_BENCH_KERNELS:-65}
-T_BENCH_MAS=${T_BENCH_MAS:-30}
-T_BENCH_TRAIN=${T_BENCH_TRAIN:-60}
-T_BENCH_INFER=${T_BENCH_INFER:-35}
-T_BENCH_COMPILED=${T_BENCH_COMPILED:-75}
+T_BENCH_KERNELS=${T_BENCH_KERNELS:-50}
+T_BENCH_MAS=${T_BENCH_MAS:-20}
+T_BENCH_TRAIN=${T_BENCH_TRAIN:-55}
+T_BENCH_INFER=${T_BENCH_INFER:-30}
+T_BENCH_COMPILED=${T_BENCH_COMPILED:-50}
 # Seconds of timed rounds per benchmark entry (at least 3 rounds; do_bench timing comes on top).
 export VITS_FAST_BENCH_BUDGET_S=${VITS_FAST_BENCH_BUDGET_S:-0.2}
 # pytest -k selections of the benchmark phases.
@@ -96,14 +99,35 @@ EOF
 } > "$OUT/env.txt" 2>&1
 log "env: $(grep -E '^(device|torch|python)' "$OUT/env.txt" | tr '\n' ' ')"
 
+# -- wheels -------------------------------------------------------------------------------------------------
+# The GPU machine has no network: what it lacks (soundfile, soxr, a setuptools new enough for pyproject.toml)
+# travels as wheels in the ignored .whl/ (bash benchmarks/fetch_wheels.sh fills it; carry ".whl").
+if ls .whl/*.whl >/dev/null 2>&1; then
+  phase wheels 60 "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/vits_fast_site .whl/*.whl
+  export PYTHONPATH=/tmp/vits_fast_site${PYTHONPATH:+:$PYTHONPATH}
+else
+  log "wheels: no .whl/ folder (run benchmarks/fetch_wheels.sh here and carry .whl)"
+fi
+
 # -- install ------------------------------------------------------------------------------------------------
 if [ "${SKIP_INSTALL:-0}" = 1 ]; then
   log "install: skipped (SKIP_INSTALL=1)"
 else
-  phase install "$T_INSTALL" "$PY" -m pip install --no-deps --no-build-isolation -e .
+  phase install "$T_INSTALL" "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
+fi
+if ! "$PY" -c "import vits_fast.kernels" >> "$OUT/install.log" 2>&1; then
+  # Not installable here (old setuptools, no compiler): run from the source tree, kernels/ linked in place of
+  # the installed vits_fast.kernels (on the GPU machine's copy of the tree only).
+  log "install: vits_fast.kernels not importable; running from the source tree (kernels linked in)"
+  [ -e vits_fast/kernels ] || ln -s ../kernels vits_fast/kernels
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 "$PY" -c "import vits_fast.monotonic_align as m, vits_fast.kernels; print('cython alignment search:', m.has_cython())" \
   >> "$OUT/install.log" 2>&1 || log "install: vits_fast does not import (see install.log)"
+
+# -- calibrate ----------------------------------------------------------------------------------------------
+phase calibrate "$T_CALIBRATE" "$PY" benchmarks/calibrate.py "$OUT/calibration.json"
 
 # -- tests --------------------------------------------------------------------------------------------------
 TEST_ARGS=(-q -p no:cacheprovider --junitxml="$OUT/tests.xml")
@@ -159,6 +183,7 @@ echo
 echo "==================== gpu_suite summary ($(( $(date +%s) - START ))s total) ===================="
 cat "$OUT/env.txt" | grep -E "^(device|python|triton)" || true
 column -t -s $'\t' "$OUT/phases.tsv" 2>/dev/null || cat "$OUT/phases.tsv"
+echo "-- calibration:"; grep -E "^ " "$OUT/calibrate.log" 2>/dev/null
 echo "-- tests:"; tail -n 3 "$OUT/tests.log" 2>/dev/null
 echo "-- profile (fused-kernel bandwidth):"
 grep -E "^(vits_fast.profile:|Fused operators|wn_|rq_|affine_|maximum_path)" "$OUT/profile.log" 2>/dev/null | head -40

@@ -69,11 +69,13 @@ def searchsorted(bin_locations: torch.Tensor, inputs: torch.Tensor, eps: float =
     """Bin index of every input: the number of knots ``<= input`` minus one.
 
     ``bin_locations`` ``[..., K + 1]`` (sorted knots), ``inputs`` ``[...]`` -> ``[...]`` int64. The last knot is
-    raised by ``eps`` so that an input equal to it falls into the last bin. ``bin_locations`` is not modified.
+    raised by ``eps`` so that an input equal to it falls into the last bin; the index is clamped to the ``K``
+    bins, since in bf16/fp16 ``eps`` vanishes against the knot (an input on the last knot would index bin ``K``,
+    out of bounds, on the GPU). ``bin_locations`` is not modified.
     """
     raised_last = bin_locations[..., -1:] + eps
     knots = torch.cat([bin_locations[..., :-1], raised_last], dim=-1)
-    return (inputs.unsqueeze(-1) >= knots).sum(dim=-1) - 1
+    return ((inputs.unsqueeze(-1) >= knots).sum(dim=-1) - 1).clamp_(0, knots.shape[-1] - 2)
 
 
 def unconstrained_rational_quadratic_spline(

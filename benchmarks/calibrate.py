@@ -1,0 +1,121 @@
+"""Measure the ceilings the cost model uses, on the GPU it runs on: ``python benchmarks/calibrate.py OUT.json``.
+
+Measured (CUDA events through ``triton.testing.do_bench``, median, after warm-up, random data):
+
+* ``copy_bytes_per_s``: a 1 GiB device-to-device copy, counting bytes read plus bytes written;
+* ``matmul_flops_per_s``: an 8192^3 matrix product per dtype (``fp32`` with TF32 off, ``tf32``, ``bf16``, ``fp16``);
+* ``conv1d_flops_per_s``: a HiFi-GAN-sized 1-D convolution (batch 16, 256 -> 256 channels, kernel 7, 8192 steps)
+  per dtype (cuDNN, fp32 with TF32 off and on), the shape class most of a VITS step is made of;
+* ``launch_s``: host time per launch of a one-element PyTorch op and of a one-element Triton kernel, each the
+  median over 2000 back-to-back launches (no synchronisation in between), which is what a launch-bound step pays.
+
+Prints one line per number and writes them all to the JSON file. ``vits_fast.profile --estimate`` can read it
+(``--calibration FILE``) in place of its documented defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+
+import torch
+
+
+def _bench(fn) -> float:
+    """Median milliseconds of ``fn`` by CUDA events."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=150, return_mode="median")
+
+
+def matmul_rate(dtype: torch.dtype, tf32: bool, n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        ms = _bench(lambda: a @ b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def conv1d_rate(dtype: torch.dtype, tf32: bool, batch: int = 16, ch: int = 256, k: int = 7, t: int = 8192) -> float:
+    x = torch.randn(batch, ch, t, device="cuda", dtype=dtype)
+    w = torch.randn(ch, ch, k, device="cuda", dtype=dtype)
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+    try:
+        ms = _bench(lambda: torch.nn.functional.conv1d(x, w, padding=k // 2))
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    return 2 * batch * ch * ch * k * t / (ms * 1e-3)
+
+
+def launch_time(fn, n: int = 2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n
+
+
+def triton_launch_time() -> float:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _one(x_ptr):  # x: [1]
+        tl.store(x_ptr, tl.load(x_ptr) + 1.0)
+
+    x = torch.zeros(1, device="cuda")
+    return launch_time(lambda: _one[(1,)](x))
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if not torch.cuda.is_available():
+        raise SystemExit("calibrate.py measures a CUDA device; none is visible")
+    from vits_fast.profile import copy_bandwidth
+
+    props = torch.cuda.get_device_properties(0)
+    res = {
+        "device": props.name, "sm": f"sm_{props.major}{props.minor}", "sms": props.multi_processor_count,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "copy_bytes_per_s": copy_bandwidth(torch.device("cuda")),
+        "matmul_flops_per_s": {
+            "fp32": matmul_rate(torch.float32, tf32=False), "tf32": matmul_rate(torch.float32, tf32=True),
+            "bf16": matmul_rate(torch.bfloat16, tf32=False), "fp16": matmul_rate(torch.float16, tf32=False)},
+        "conv1d_flops_per_s": {
+            "fp32": conv1d_rate(torch.float32, tf32=False), "tf32": conv1d_rate(torch.float32, tf32=True),
+            "bf16": conv1d_rate(torch.bfloat16, tf32=False), "fp16": conv1d_rate(torch.float16, tf32=False)},
+    }
+    x = torch.zeros(1, device="cuda")
+    res["launch_s"] = {"torch": launch_time(lambda: x.add_(1.0))}
+    try:
+        res["launch_s"]["triton"] = triton_launch_time()
+    except Exception as exc:  # noqa: BLE001 -- report, keep the other numbers
+        res["launch_s"]["triton_error"] = repr(exc)
+    print(f"calibration on {res['device']} ({res['sm']}, {res['sms']} SMs), torch {res['torch']}:")
+    print(f"  copy bandwidth        {res['copy_bytes_per_s'] / 1e12:8.2f} TB/s (read + write)")
+    for kind in ("matmul", "conv1d"):
+        for dt, v in res[f"{kind}_flops_per_s"].items():
+            print(f"  {kind:6s} {dt:5s}          {v / 1e12:8.1f} TFLOP/s")
+    for k, v in res["launch_s"].items():
+        print(f"  launch {k:14s} {v * 1e6:8.2f} us" if isinstance(v, float) else f"  launch {k}: {v}")
+    if argv:
+        with open(argv[0], "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
