@@ -1,6 +1,8 @@
 """Measure the ceilings the cost model uses, on the GPU it runs on: ``python benchmarks/calibrate.py OUT.json``.
 
-Measured (CUDA events through ``triton.testing.do_bench``, median, after warm-up, random data):
+``--tiny`` shrinks every size (the suite's ``--dry-run`` on a CPU, which checks the script, not the machine).
+Measured (on CUDA: CUDA events through ``triton.testing.do_bench``; on a CPU: host clock; median, after warm-up,
+random data):
 
 * ``copy_bytes_per_s``: a 1 GiB device-to-device copy, counting bytes read plus bytes written;
 * ``matmul_flops_per_s``: an 8192^3 matrix product per dtype (``fp32`` with TF32 off, ``tf32``, ``bf16``, ``fp16``);
@@ -23,16 +25,42 @@ import time
 import torch
 
 
-def _bench(fn) -> float:
-    """Median milliseconds of ``fn`` by CUDA events."""
-    from triton.testing import do_bench
+ON_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+#: Sizes (full, tiny): copy bytes, matmul n, conv1d (batch, channels, kernel, steps), launches timed.
+SIZES = {False: dict(copy=1 << 30, n=8192, conv=(16, 256, 7, 8192), launches=2000),
+         True: dict(copy=1 << 22, n=128, conv=(1, 16, 7, 256), launches=100)}
 
-    return do_bench(fn, warmup=25, rep=150, return_mode="median")
+
+def _bench(fn) -> float:
+    """Median milliseconds of ``fn``: CUDA events (do_bench) on CUDA, the host clock over 5 calls on a CPU."""
+    if ON_CUDA:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=150, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[2]
+
+
+def copy_rate(nbytes: int) -> float:
+    """Bytes read + written per second by a ``nbytes`` copy (on CUDA: the profiler's own measurement)."""
+    if ON_CUDA:
+        from vits_fast.profile import copy_bandwidth
+
+        return copy_bandwidth(DEVICE, nbytes)
+    src = torch.rand(nbytes // 4, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (_bench(lambda: dst.copy_(src)) * 1e-3)
 
 
 def matmul_rate(dtype: torch.dtype, tf32: bool, n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
@@ -43,27 +71,34 @@ def matmul_rate(dtype: torch.dtype, tf32: bool, n: int = 8192) -> float:
 
 
 def conv1d_rate(dtype: torch.dtype, tf32: bool, batch: int = 16, ch: int = 256, k: int = 7, t: int = 8192) -> float:
-    x = torch.randn(batch, ch, t, device="cuda", dtype=dtype)
-    w = torch.randn(ch, ch, k, device="cuda", dtype=dtype)
+    x = torch.randn(batch, ch, t, device=DEVICE, dtype=dtype)
+    w = torch.randn(ch, ch, k, device=DEVICE, dtype=dtype)
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    old_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
         ms = _bench(lambda: torch.nn.functional.conv1d(x, w, padding=k // 2))
     finally:
         torch.backends.cudnn.allow_tf32 = old
+        torch.backends.cudnn.benchmark = old_benchmark
     return 2 * batch * ch * ch * k * t / (ms * 1e-3)
+
+
+def _sync() -> None:
+    if ON_CUDA:
+        torch.cuda.synchronize()
 
 
 def launch_time(fn, n: int = 2000) -> float:
     for _ in range(50):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
     t1 = time.perf_counter()
-    torch.cuda.synchronize()
+    _sync()
     return (t1 - t0) / n
 
 
@@ -80,39 +115,43 @@ def triton_launch_time() -> float:
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    if not torch.cuda.is_available():
-        raise SystemExit("calibrate.py measures a CUDA device; none is visible")
-    from vits_fast.profile import copy_bandwidth
-
-    props = torch.cuda.get_device_properties(0)
-    res = {
-        "device": props.name, "sm": f"sm_{props.major}{props.minor}", "sms": props.multi_processor_count,
+    args = sys.argv[1:] if argv is None else list(argv)
+    tiny = "--tiny" in args
+    args = [a for a in args if a != "--tiny"]
+    size = SIZES[tiny]
+    if ON_CUDA:
+        props = torch.cuda.get_device_properties(0)
+        res = {"device": props.name, "sm": f"sm_{props.major}{props.minor}", "sms": props.multi_processor_count}
+    else:
+        res = {"device": f"cpu ({platform.processor() or platform.machine()})", "sm": "-", "sms": 0}
+    dtypes = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False),
+              "fp16": (torch.float16, False)}
+    if not ON_CUDA:  # TF32 is a CUDA mode; fp16 matmul/conv on a CPU is not what the cost model asks about
+        dtypes = {k: dtypes[k] for k in ("fp32", "bf16")}
+    res.update({
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "copy_bytes_per_s": copy_bandwidth(torch.device("cuda")),
-        "matmul_flops_per_s": {
-            "fp32": matmul_rate(torch.float32, tf32=False), "tf32": matmul_rate(torch.float32, tf32=True),
-            "bf16": matmul_rate(torch.bfloat16, tf32=False), "fp16": matmul_rate(torch.float16, tf32=False)},
-        "conv1d_flops_per_s": {
-            "fp32": conv1d_rate(torch.float32, tf32=False), "tf32": conv1d_rate(torch.float32, tf32=True),
-            "bf16": conv1d_rate(torch.bfloat16, tf32=False), "fp16": conv1d_rate(torch.float16, tf32=False)},
-    }
-    x = torch.zeros(1, device="cuda")
-    res["launch_s"] = {"torch": launch_time(lambda: x.add_(1.0))}
-    try:
-        res["launch_s"]["triton"] = triton_launch_time()
-    except Exception as exc:  # noqa: BLE001 -- report, keep the other numbers
-        res["launch_s"]["triton_error"] = repr(exc)
-    print(f"calibration on {res['device']} ({res['sm']}, {res['sms']} SMs), torch {res['torch']}:")
+        "date": time.strftime("%Y-%m-%d", time.gmtime()), "tiny": tiny,
+        "copy_bytes_per_s": copy_rate(size["copy"]),
+        "matmul_flops_per_s": {k: matmul_rate(d, tf, size["n"]) for k, (d, tf) in dtypes.items()},
+        "conv1d_flops_per_s": {k: conv1d_rate(d, tf, *size["conv"]) for k, (d, tf) in dtypes.items()},
+    })
+    x = torch.zeros(1, device=DEVICE)
+    res["launch_s"] = {"torch": launch_time(lambda: x.add_(1.0), size["launches"])}
+    if ON_CUDA:
+        try:
+            res["launch_s"]["triton"] = triton_launch_time()
+        except Exception as exc:  # noqa: BLE001 -- report, keep the other numbers
+            res["launch_s"]["triton_error"] = repr(exc)
+    print(f"calibration on {res['device']} ({res['sm']}, {res['sms']} SMs), torch {res['torch']}"
+          f"{' [--tiny: checks the script, not the machine]' if tiny else ''}:")
     print(f"  copy bandwidth        {res['copy_bytes_per_s'] / 1e12:8.2f} TB/s (read + write)")
     for kind in ("matmul", "conv1d"):
         for dt, v in res[f"{kind}_flops_per_s"].items():
             print(f"  {kind:6s} {dt:5s}          {v / 1e12:8.1f} TFLOP/s")
     for k, v in res["launch_s"].items():
         print(f"  launch {k:14s} {v * 1e6:8.2f} us" if isinstance(v, float) else f"  launch {k}: {v}")
-    if argv:
-        with open(argv[0], "w") as f:
+    if args:
+        with open(args[0], "w") as f:
             json.dump(res, f, indent=1)
     return res
 

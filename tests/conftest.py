@@ -4,6 +4,10 @@
   ``import triton``, hence here, first).
 * Hypothesis is deterministic: the ``ci`` profile (default) derandomizes and has no deadline; kernel tests
   under the slow interpreter pass ``max_examples`` explicitly with ``settings(...)``.
+* On CUDA, TF32 is off: the tests compare against float64 references at fp32 tolerances, and cuDNN's default
+  TF32 convolutions would put errors of ~1e-3 into every reference-path convolution.
+* ``VITS_FAST_FAILURE_LOG=FILE`` appends each failure to FILE the moment it is reported (the GPU suite's test
+  phase can be stopped at its time limit, and pytest-xdist prints failures only at the end of a session).
 """
 
 import os
@@ -12,6 +16,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
@@ -28,3 +35,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Device list for tests that run on every available device.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+_IS_XDIST_WORKER = False
+
+
+def pytest_configure(config):
+    global _IS_XDIST_WORKER
+    _IS_XDIST_WORKER = hasattr(config, "workerinput")
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("VITS_FAST_FAILURE_LOG")
+    if path and report.failed and not _IS_XDIST_WORKER:  # the controller sees every worker's reports
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"==== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n\n")
