@@ -1,5 +1,5 @@
 """A full Piper training step: generator forward, mels and losses, discriminator, both backward passes, both AdamW
-updates (:class:`vits_fast.profile.TrainStep`, the sequence of ``vits_fast.train.Trainer.train_step``).
+updates (:class:`vits_fast.profile.TrainStep`: :func:`vits_fast.step.train_step`, the step the trainer runs).
 
 Shapes (CUDA): batch 32, phoneme ids <= 200, frames <= 800 (ragged), Piper's 8192-sample window, for x-low,
 medium and high, fp32 and bf16 autocast. Entries: ``reference`` (eager, reference backend: the alignment search
@@ -31,8 +31,8 @@ def test_train_step(benchmark, config, precision, impl):
     sizes = CUDA_SIZES if ON_CUDA else CPU_SIZES[config]
     step = TrainStep(config, sizes, DEVICE, backend="triton" if impl == "triton" else "reference",
                      precision=precision, compile=impl == "compiled")
-    losses = step()
-    assert torch.isfinite(losses).all(), f"non-finite losses {losses.tolist()}: the timing would be meaningless"
+    out = step()
+    assert bool(out.finite), f"non-finite losses {out.values.tolist()}: the timing would be meaningless"
     seg = step.kwargs["segment_size"]
     extra = dict(subject="train-step", config=config, dtype=precision, batch=sizes.batch, text_len=sizes.text_len,
                  frames=sizes.frames, segment_frames=seg, compiled_parts="dec, mpd" if impl == "compiled" else "",

@@ -98,14 +98,14 @@ def test_synthetic_batch_is_valid_for_training():
     kwargs, _ = vp.model_setup("tiny")
     sizes = vp.Sizes(5, 9, 30)
     b = vp.synthetic_batch(kwargs, sizes, CPU, seed=3)
-    xl, yl = b["x_lengths"], b["spec_lengths"]
+    xl, yl = b.phoneme_lengths, b.spectrogram_lengths
     assert int(xl[0]) == 9 and int(yl[0]) == 30
     assert bool((xl <= yl).all()) and bool((yl >= kwargs["segment_size"]).all())
     for i in range(5):
-        assert bool((b["x"][i, : xl[i]] > 0).all()) and bool((b["x"][i, xl[i]:] == 0).all())
-        assert bool((b["spec"][i, :, : yl[i]] > 0).all()) and bool((b["spec"][i, :, yl[i]:] == 0).all())
+        assert bool((b.phoneme_ids[i, : xl[i]] > 0).all()) and bool((b.phoneme_ids[i, xl[i]:] == 0).all())
+        assert bool((b.spectrograms[i, :, : yl[i]] > 0).all()) and bool((b.spectrograms[i, :, yl[i]:] == 0).all())
     hop = vp.hop_of(kwargs)
-    assert b["audio"].shape == (5, 1, 30 * hop)
+    assert b.audios.shape == (5, 1, 30 * hop) and torch.equal(b.audio_lengths, yl * hop)
     with pytest.raises(ValueError, match="training window"):
         vp.synthetic_batch(kwargs, vp.Sizes(1, 4, kwargs["segment_size"] - 1), CPU)
 
@@ -114,8 +114,8 @@ def test_train_step_updates_both_models():
     step = vp.TrainStep("tiny", vp.Sizes(2, 6, 20), CPU, backend="reference")
     g0 = [p.detach().clone() for p in step.model_g.parameters()]
     d0 = [p.detach().clone() for p in step.model_d.parameters()]
-    losses = step()
-    assert losses.shape == (2,) and bool(torch.isfinite(losses).all())
+    out = step()
+    assert out.values.shape == (len(out.names),) and bool(out.finite)
     assert any(not torch.equal(a, p) for a, p in zip(g0, step.model_g.parameters()))
     assert any(not torch.equal(a, p) for a, p in zip(d0, step.model_d.parameters()))
     assert all(p.grad is None for p in step.model_g.parameters())  # zeroed for the next step

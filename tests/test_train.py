@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vits_fast import checkpoint as ck
+from vits_fast import step as step_lib
 from vits_fast import train
 from vits_fast.config import tiny_model_kwargs
 from vits_fast.data import CORPUS_DIR, DataError
@@ -83,7 +84,7 @@ def test_losses_finite_and_mel_loss_falls(corpus, cache_dir, tmp_path):
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)
             t.model_g.eval()
-            _, y_mel, y_hat_mel, _ = t._generator_pass(t.model_g, everything)
+            _, y_mel, y_hat_mel, _ = step_lib.generator_pass(t.step_parts(), t.model_g, everything)
             t.model_g.train()
         return float(torch.nn.functional.l1_loss(y_mel, y_hat_mel)) * train.C_MEL
 
@@ -213,8 +214,8 @@ def test_init_from_piper_checkpoint_single_to_multi_speaker(corpus, cache_dir, t
         assert torch.equal(own[k], v), k
     for k, v in d.state_dict().items():
         assert torch.equal(t.model_d.state_dict()[k], v), k
-    losses = t.train_step(next(iter(t._loader(t.train_set, t.sampler, 0))))
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    losses, finite = step_lib.losses_of(t.train_step(next(iter(t._loader(t.train_set, t.sampler, 0)))))
+    assert finite and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 
 
 def test_init_from_refuses_malicious_checkpoint(corpus, cache_dir, tmp_path):
@@ -237,7 +238,7 @@ def test_init_from_refuses_malicious_checkpoint(corpus, cache_dir, tmp_path):
 
 
 def test_nonfinite_loss_is_skipped_or_stops(corpus, cache_dir, tmp_path, monkeypatch):
-    real_kl = train.kl_loss
+    real_kl = step_lib.kl_loss
     calls = {"n": 0}
 
     def kl_nan_on_second_call(*args):
@@ -245,14 +246,15 @@ def test_nonfinite_loss_is_skipped_or_stops(corpus, cache_dir, tmp_path, monkeyp
         out = real_kl(*args)
         return out * float("nan") if calls["n"] == 2 else out
 
-    monkeypatch.setattr(train, "kl_loss", kl_nan_on_second_call)
+    monkeypatch.setattr(step_lib, "kl_loss", kl_nan_on_second_call)
     t = _trainer(_args(corpus, cache_dir, tmp_path / "skip", "--max-steps", "1"))
     batches = iter(t._loader(t.train_set, t.sampler, 0))
     t.train_step(next(batches))
     before = _digest(t.model_g, t.model_d)
     adam_steps = [s["step"].item() for s in t.optim_g.state.values()][:1]
-    losses = t.train_step(next(batches))
-    assert not torch.isfinite(torch.tensor(losses["loss_kl"]))
+    losses, finite = step_lib.losses_of(t.train_step(next(batches)))  # the update was skipped on the device
+    assert not finite and not torch.isfinite(torch.tensor(losses["loss_kl"]))
+    t._account(losses, finite, step=2, epoch=0)  # the trainer's bookkeeping once the losses are read
     assert _digest(t.model_g, t.model_d) == before  # nothing trained on the NaN
     assert [s["step"].item() for s in t.optim_g.state.values()][:1] == adam_steps
     assert all(p.grad is None for p in t.model_g.parameters())
@@ -267,8 +269,8 @@ def test_nonfinite_loss_is_skipped_or_stops(corpus, cache_dir, tmp_path, monkeyp
 
 def test_bf16_and_grad_clip_step(corpus, cache_dir, tmp_path):
     t = _trainer(_args(corpus, cache_dir, tmp_path / "bf16", "--precision", "bf16", "--grad-clip", "1.0"))
-    losses = t.train_step(next(iter(t._loader(t.train_set, t.sampler, 0))))
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    losses, finite = step_lib.losses_of(t.train_step(next(iter(t._loader(t.train_set, t.sampler, 0)))))
+    assert finite and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert all(p.dtype == torch.float32 for p in t.model_g.parameters())
 
 

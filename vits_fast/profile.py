@@ -38,7 +38,6 @@ backward pass is its own stage.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -48,11 +47,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.nn import functional as F
 
 from .backend import backend as backend_ctx, set_module_backend
-from .commons import slice_segments, stage
+from .commons import stage
 from .config import AudioConfig, model_kwargs, tiny_model_kwargs
+from .data import Batch
+from .step import StepOutput, StepParts, adamw, train_step
 
 CONFIGS = ("tiny", "x-low", "medium", "high")
 KERNELS = ("wn", "spline", "coupling", "mas")
@@ -169,13 +169,13 @@ def build_discriminator(config: str):
     return mpd
 
 
-def synthetic_batch(kwargs: Dict[str, Any], sizes: Sizes, device: torch.device,
-                    seed: int = 0) -> Dict[str, torch.Tensor]:
-    """A random padded training batch for a model built from ``kwargs``.
+def synthetic_batch(kwargs: Dict[str, Any], sizes: Sizes, device: torch.device, seed: int = 0) -> Batch:
+    """A random padded training :class:`~vits_fast.data.Batch` for a model built from ``kwargs``.
 
-    Returns ``x`` [b, t_x] ids (0 past each length), ``x_lengths`` [b], ``spec`` [b, spec, t_y] positive linear
-    magnitudes, ``spec_lengths`` [b], ``audio`` [b, 1, t_y * hop] in [-1, 1]; every item has
-    ``t_x <= t_y`` and at least ``segment_size`` frames. Values are random, never zeros.
+    ``phoneme_ids`` [b, t_x] (0 past each length), ``phoneme_lengths`` [b], ``spectrograms`` [b, spec, t_y]
+    positive linear magnitudes, ``spectrogram_lengths`` [b], ``audios`` [b, 1, t_y * hop] in [-1, 1]; speaker ids
+    for a multi-speaker model. Every item has ``t_x <= t_y`` and at least ``segment_size`` frames. Values are
+    random, never zeros.
     """
     gen = torch.Generator().manual_seed(seed)
     b, t_x, t_y = sizes.batch, sizes.text_len, sizes.frames
@@ -191,8 +191,11 @@ def synthetic_batch(kwargs: Dict[str, Any], sizes: Sizes, device: torch.device,
     hop = hop_of(kwargs)
     audio = (torch.rand(b, 1, t_y * hop, generator=gen) * 2 - 1) * 0.5
     audio = audio * torch.repeat_interleave(y_mask, hop, dim=2)
-    out = dict(x=x, x_lengths=x_lengths, spec=spec, spec_lengths=y_lengths, audio=audio)
-    return {k: v.to(device) for k, v in out.items()}
+    n_speakers = kwargs.get("n_speakers", 0)
+    sid = torch.randint(0, n_speakers, (b,), generator=gen) if n_speakers > 1 else None
+    batch = Batch(phoneme_ids=x, phoneme_lengths=x_lengths, spectrograms=spec, spectrogram_lengths=y_lengths,
+                  audios=audio, audio_lengths=y_lengths * hop, speaker_ids=sid, indices=torch.arange(b))
+    return batch.to(device)
 
 
 def _sync(device: torch.device) -> None:
@@ -215,18 +218,15 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 # --------------------------------------------------------------------------------------------------------
 
 class TrainStep:
-    """One Piper training step (generator, then discriminator, then both AdamW updates) on a fixed synthetic batch.
-
-    The step is the sequence of :meth:`vits_fast.train.Trainer.train_step` (mel L1 x45, KL, duration, LSGAN
-    generator and feature-matching losses; discriminator on the real window and the detached generated one),
-    without its gradient clipping and logging, and with profiler ranges ``vits.discriminator``, ``vits.losses``,
-    ``vits.backward`` and ``vits.optimizer`` around the parts the model's own ranges do not cover.
+    """One Piper training step on a fixed synthetic batch: :func:`vits_fast.step.train_step`, the function
+    :class:`vits_fast.train.Trainer` runs (the same losses, weights, optimizers and profiler ranges).
 
     ``backend``: ``reference``, ``triton`` or ``auto`` (pinned on the generator's modules and active around every
     step, so the alignment search follows it too). ``precision``: ``fp32`` or ``bf16`` (autocast; spectrograms,
     mels and losses stay fp32). ``compile``: ``torch.compile`` the decoder and the discriminator (the two largest
     parts; their shapes are fixed by the training window, so they compile once).
-    Calling the object runs one step and returns the detached losses (no host synchronisation).
+    Calling the object runs one step and returns its :class:`~vits_fast.step.StepOutput` (losses on the device,
+    no host synchronisation).
     """
 
     def __init__(self, config: str, sizes: Sizes, device: torch.device, *, backend: str = "auto",
@@ -244,59 +244,17 @@ class TrainStep:
         if compile:
             self.model_g.dec.compile()
             self.model_d.compile()
-        self.optim_g = torch.optim.AdamW(self.model_g.parameters(), lr=2e-4, betas=(0.8, 0.99), eps=1e-9)
-        self.optim_d = torch.optim.AdamW(self.model_d.parameters(), lr=2e-4, betas=(0.8, 0.99), eps=1e-9)
-        self.amp_dtype = PRECISIONS[precision]
+        self.optim_g = adamw(self.model_g.parameters(), device, lr=2e-4)
+        self.optim_d = adamw(self.model_d.parameters(), device, lr=2e-4)
+        self.parts = StepParts(model_g=self.model_g, model_d=self.model_d, optim_g=self.optim_g,
+                               optim_d=self.optim_d, audio=self.audio, segment_size=self.kwargs["segment_size"],
+                               amp_dtype=PRECISIONS[precision])
         self.batch = synthetic_batch(self.kwargs, sizes, device, seed)
         self.hop = hop_of(self.kwargs)
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _fp32(self):
-        return torch.autocast(self.device.type, enabled=False)
-
-    def __call__(self) -> torch.Tensor:
-        from .losses import discriminator_loss, feature_loss, generator_loss, kl_loss
-        from .mel_processing import mel_spectrogram_torch, spec_to_mel_torch
-
-        b, a, seg = self.batch, self.audio, self.kwargs["segment_size"]
+    def __call__(self) -> StepOutput:
         with backend_ctx(self.backend):
-            self.model_d.requires_grad_(False)
-            with self._autocast():
-                out = self.model_g(b["x"], b["x_lengths"], b["spec"], b["spec_lengths"])
-            y_hat, l_length, _, ids_slice, _, z_mask, (_, z_p, m_p, logs_p, _, logs_q) = out
-            with stage("losses"), self._fp32():
-                spec_slice = slice_segments(b["spec"], ids_slice, seg)
-                y_mel = spec_to_mel_torch(spec_slice, a.filter_length, a.mel_channels, a.sample_rate, a.mel_fmin,
-                                          a.mel_fmax)
-                y_hat_mel = mel_spectrogram_torch(y_hat.float().squeeze(1), a.filter_length, a.mel_channels,
-                                                  a.sample_rate, a.hop_length, a.win_length, a.mel_fmin, a.mel_fmax)
-                y = slice_segments(b["audio"], ids_slice * self.hop, seg * self.hop)
-            with stage("discriminator"), self._autocast():
-                _, y_d_hat_g, fmap_r, fmap_g = self.model_d(y, y_hat)
-            with stage("losses"), self._fp32():
-                loss_mel = F.l1_loss(y_mel, y_hat_mel) * 45.0
-                loss_kl = kl_loss(z_p, logs_q, m_p, logs_p, z_mask)
-                loss_gen, _ = generator_loss(y_d_hat_g)
-                loss_g = loss_gen + feature_loss(fmap_r, fmap_g) + loss_mel + torch.sum(l_length.float()) + loss_kl
-            with stage("backward"):
-                loss_g.backward()
-            self.model_d.requires_grad_(True)
-            with stage("discriminator"), self._autocast():
-                y_d_r, y_d_g, _, _ = self.model_d(y, y_hat.detach())
-            with stage("losses"), self._fp32():
-                loss_d, _, _ = discriminator_loss(y_d_r, y_d_g)
-            with stage("backward"):
-                loss_d.backward()
-            with stage("optimizer"):
-                self.optim_g.step()
-                self.optim_d.step()
-                self.optim_g.zero_grad(set_to_none=True)
-                self.optim_d.zero_grad(set_to_none=True)
-        return torch.stack([loss_g.detach(), loss_d.detach()])
+            return train_step(self.parts, self.batch)
 
 
 # --------------------------------------------------------------------------------------------------------

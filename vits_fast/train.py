@@ -51,12 +51,10 @@ from .inference import DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_
 from .losses import discriminator_loss, feature_loss, generator_loss, kl_loss
 from .mel_processing import mel_spectrogram_torch, spec_to_mel_torch
 from .models import MultiPeriodDiscriminator, SynthesizerTrn
+from .step import C_KL, C_MEL, LOSS_NAMES, DeferredRead, StepOutput, StepParts, adamw, generator_pass, train_step
 
 _LOGGER = logging.getLogger("vits_fast.train")
 
-C_MEL = 45.0
-C_KL = 1.0
-LOSS_NAMES = ("loss_g", "loss_d", "loss_mel", "loss_kl", "loss_dur", "loss_gen", "loss_fm")
 
 #: Audio settings of the ``tiny`` preset (the default on the embedded 16 kHz corpus): hop = 4*4*4.
 TINY_AUDIO = AudioConfig(sample_rate=16000, filter_length=256, hop_length=64, win_length=256, mel_channels=40)
@@ -324,8 +322,8 @@ class Trainer:
         self.model_d.to(self.device)
         if self.resume_ckpt is None and init_ckpt is not None:
             self._init_weights(init_ckpt, args.init_from)
-        self.optim_g = torch.optim.AdamW(self.model_g.parameters(), lr=args.learning_rate, betas=(0.8, 0.99), eps=1e-9)
-        self.optim_d = torch.optim.AdamW(self.model_d.parameters(), lr=args.learning_rate, betas=(0.8, 0.99), eps=1e-9)
+        self.optim_g = adamw(self.model_g.parameters(), self.device, lr=args.learning_rate)
+        self.optim_d = adamw(self.model_d.parameters(), self.device, lr=args.learning_rate)
         self.sched_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, gamma=args.lr_decay)
         self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, gamma=args.lr_decay)
         self.amp_dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
@@ -512,86 +510,29 @@ class Trainer:
         write_voice_config(config, self.out / "config.json")
 
     # -- one step ----------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    def step_parts(self) -> StepParts:
+        """The models, optimizers and settings :func:`vits_fast.step.train_step` works on."""
+        return StepParts(model_g=self.model_g, model_d=self.model_d, optim_g=self.optim_g, optim_d=self.optim_d,
+                         audio=self.audio, segment_size=self.model_kwargs["segment_size"], g_train=self.g_train,
+                         d_train=self.d_train, amp_dtype=self.amp_dtype, scaler=self.scaler,
+                         grad_clip=self.args.grad_clip, distributed=self.distributed)
 
-    def _generator_pass(self, g_model: torch.nn.Module, batch: Batch):
-        """Generator forward + mels + real window. Returns (outputs, y_mel, y_hat_mel, y_slice)."""
-        seg = self.model_kwargs["segment_size"]
-        a = self.audio
-        with self._autocast():
-            out = g_model(batch.phoneme_ids, batch.phoneme_lengths, batch.spectrograms, batch.spectrogram_lengths,
-                          batch.speaker_ids)
-        y_hat, ids_slice = out[0], out[3]
-        with torch.autocast(self.device.type, enabled=False):
-            spec_slice = slice_segments(batch.spectrograms, ids_slice, seg)
-            y_mel = spec_to_mel_torch(spec_slice, a.filter_length, a.mel_channels, a.sample_rate, a.mel_fmin, a.mel_fmax)
-            y_hat_mel = mel_spectrogram_torch(y_hat.float().squeeze(1), a.filter_length, a.mel_channels,
-                                              a.sample_rate, a.hop_length, a.win_length, a.mel_fmin, a.mel_fmax)
-            y_slice = slice_segments(batch.audios, ids_slice * a.hop_length, seg * a.hop_length)
-        return out, y_mel, y_hat_mel, y_slice
+    def train_step(self, batch: Batch) -> StepOutput:
+        """One Piper step (generator then discriminator update); the losses stay on the device (see
+        :mod:`vits_fast.step`)."""
+        return train_step(self.step_parts(), batch)
 
-    def train_step(self, batch: Batch) -> Dict[str, float]:
-        """One Piper step (generator then discriminator update). Returns the losses as floats."""
-        self.g_train.train()
-        self.d_train.train()
-        d_module = self.model_d
-        _set_requires_grad(d_module, False)  # G step: gradients reach y_hat through D, not D's weights
-        out, y_mel, y_hat_mel, y = self._generator_pass(self.g_train, batch)
-        y_hat, l_length, _attn, _ids, _x_mask, z_mask, (_z, z_p, m_p, logs_p, _m_q, logs_q) = out
-        with self._autocast():
-            _, y_d_hat_g, fmap_r, fmap_g = d_module(y, y_hat)
-        with torch.autocast(self.device.type, enabled=False):
-            loss_dur = torch.sum(l_length.float())
-            loss_mel = F.l1_loss(y_mel, y_hat_mel) * C_MEL
-            loss_kl = kl_loss(z_p, logs_q, m_p, logs_p, z_mask) * C_KL
-            loss_fm = feature_loss(fmap_r, fmap_g)
-            loss_gen, _ = generator_loss(y_d_hat_g)
-            loss_g = loss_gen + loss_fm + loss_mel + loss_dur + loss_kl
-        self.scaler.scale(loss_g).backward()
-        _set_requires_grad(d_module, True)
-
-        with self._autocast():
-            y_d_r, y_d_g, _, _ = self.d_train(y, y_hat.detach())
-        with torch.autocast(self.device.type, enabled=False):
-            loss_d, _, _ = discriminator_loss(y_d_r, y_d_g)
-        self.scaler.scale(loss_d).backward()
-
-        scalars = [loss_g.detach(), loss_d.detach(), loss_mel.detach(), loss_kl.detach(), loss_dur.detach(),
-                   loss_gen.detach(), loss_fm.detach()]
-        if self.args.grad_clip is not None:
-            self.scaler.unscale_(self.optim_g)
-            self.scaler.unscale_(self.optim_d)
-            gn_g = torch.nn.utils.clip_grad_norm_(self.model_g.parameters(), self.args.grad_clip)
-            gn_d = torch.nn.utils.clip_grad_norm_(self.model_d.parameters(), self.args.grad_clip)
-            if not self.scaler.is_enabled():  # fp16 overflows are the scaler's business, not an error
-                scalars += [gn_g.detach().float(), gn_d.detach().float()]
-        values = torch.stack([s.float() for s in scalars])
-        finite = torch.isfinite(values).all().float().reshape(1)
-        if self.distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
-        host = values.tolist()
-        ok = bool(finite.item())  # the one host synchronisation of the step
-        losses = dict(zip(LOSS_NAMES, host[: len(LOSS_NAMES)]))
-        if ok:
-            self.scaler.step(self.optim_g)
-            self.scaler.step(self.optim_d)
-            self.scaler.update()
+    def _account(self, losses: Dict[str, float], finite: bool, step: int, epoch: int) -> None:
+        """Bookkeeping of one step once its losses are on the host: the non-finite policy (the update itself was
+        already skipped on the device), and on fp16 a skipped overflow backs the loss scale off."""
+        if finite:
             self.nonfinite_skipped = 0
         else:
-            if self.scaler.is_enabled():  # fp16: treat it as an overflow (back the scale off, clear its state)
-                self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
-            self._nonfinite(losses)
-        self.optim_g.zero_grad(set_to_none=True)
-        self.optim_d.zero_grad(set_to_none=True)
-        return losses
+            self._nonfinite(losses, step, epoch)
 
-    def _nonfinite(self, losses: Dict[str, float]) -> None:
-        step = self.global_step + 1
+    def _nonfinite(self, losses: Dict[str, float], step: int, epoch: int) -> None:
         detail = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
-        message = f"non-finite loss or gradient at step {step} (epoch {self.epoch}): {detail}"
+        message = f"non-finite loss or gradient at step {step} (epoch {epoch}): {detail}"
         self.log.write({"step": step, "event": "nonfinite", **{k: (v if math.isfinite(v) else str(v))
                                                                 for k, v in losses.items()}})
         if self.args.on_nonfinite == "stop":
@@ -618,7 +559,7 @@ class Trainer:
                 total, count = 0.0, 0
                 for batch in self._loader(self.val_set, sampler, 0):
                     batch = batch.to(self.device)
-                    _, y_mel, y_hat_mel, _ = self._generator_pass(g, batch)
+                    _, y_mel, y_hat_mel, _ = generator_pass(self.step_parts(), g, batch)
                     total += float(F.l1_loss(y_mel, y_hat_mel)) * C_MEL * len(batch)
                     count += len(batch)
                 record["val_loss_mel"] = total / max(1, count)
@@ -703,6 +644,36 @@ class Trainer:
             return ((max_steps is not None and self.global_step >= max_steps)
                     or (max_epochs is not None and self.epoch >= max_epochs))
 
+        # Step k's losses are read on the host after step k+1 has been queued (no GPU stall); account() does the
+        # bookkeeping of a step once its losses are here, settle() runs it for all but ``keep`` pending steps.
+        reader = DeferredRead()
+
+        def account(losses: Dict[str, float], finite: bool, meta: Dict[str, Any]) -> None:
+            nonlocal t_last, window_samples, window_steps
+            step = meta["step"]
+            self._account(losses, finite, step, meta["epoch"])
+            record = {"step": step, "epoch": meta["epoch"], **losses}
+            self.history.append(record)
+            if step % args.log_every == 0 or step == 1 or meta["last"]:
+                now = time.perf_counter()
+                dt = (now - t_last) / max(1, window_steps)
+                record.update(lr=meta["lr"], s_per_step=dt, samples_per_s=window_samples / max(1e-9, now - t_last))
+                if self.scaler.is_enabled():  # fp16: a falling scale means skipped overflow steps
+                    record["grad_scale"] = float(self.scaler.get_scale())
+                self.log.write(record)
+                bar.set_postfix(g=f"{losses['loss_g']:.2f}", d=f"{losses['loss_d']:.2f}",
+                                mel=f"{losses['loss_mel']:.2f}", sps=f"{record['samples_per_s']:.1f}",
+                                s_step=f"{dt:.2f}")
+                if self.is_main and bar.disable:
+                    _LOGGER.info("step %d: loss_g %.3f loss_d %.3f mel %.3f kl %.3f dur %.3f | %.1f samples/s, "
+                                 "%.2f s/step", step, losses["loss_g"], losses["loss_d"], losses["loss_mel"],
+                                 losses["loss_kl"], losses["loss_dur"], record["samples_per_s"], dt)
+                t_last, window_samples, window_steps = now, 0, 0
+
+        def settle(keep: int = 0) -> None:
+            while len(reader) > keep:
+                account(*reader.pop())
+
         try:
             while not done():
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
@@ -710,7 +681,8 @@ class Trainer:
                 epoch_at_start = self.epoch
                 for batch in self._loader(self.train_set, self.sampler, self.epoch):
                     batch = batch.to(self.device, non_blocking=self.pin_memory)
-                    losses = self.train_step(batch)
+                    lr = self.optim_g.param_groups[0]["lr"]
+                    out = self.train_step(batch)
                     self.global_step += 1
                     self.batch_in_epoch += 1
                     window_samples += len(batch) * self.world
@@ -720,37 +692,25 @@ class Trainer:
                         self.sched_d.step()
                         self.epoch += 1
                         self.batch_in_epoch = 0
-                    record = {"step": self.global_step, "epoch": epoch_at_start, **losses}
-                    self.history.append(record)
-                    if self.global_step % args.log_every == 0 or self.global_step == 1 or done():
-                        now = time.perf_counter()
-                        dt = (now - t_last) / max(1, window_steps)
-                        record.update(lr=self.optim_g.param_groups[0]["lr"], s_per_step=dt,
-                                      samples_per_s=window_samples / max(1e-9, now - t_last))
-                        if self.scaler.is_enabled():  # fp16: a falling scale means skipped overflow steps
-                            record["grad_scale"] = float(self.scaler.get_scale())
-                        self.log.write(record)
-                        bar.set_postfix(g=f"{losses['loss_g']:.2f}", d=f"{losses['loss_d']:.2f}",
-                                        mel=f"{losses['loss_mel']:.2f}", sps=f"{record['samples_per_s']:.1f}",
-                                        s_step=f"{dt:.2f}")
-                        if self.is_main and bar.disable:
-                            _LOGGER.info("step %d: loss_g %.3f loss_d %.3f mel %.3f kl %.3f dur %.3f | %.1f samples/s, "
-                                         "%.2f s/step", self.global_step, losses["loss_g"], losses["loss_d"],
-                                         losses["loss_mel"], losses["loss_kl"], losses["loss_dur"],
-                                         record["samples_per_s"], dt)
-                        t_last, window_samples, window_steps = now, 0, 0
+                    reader.push(out, {"step": self.global_step, "epoch": epoch_at_start, "lr": lr, "last": done()})
+                    settle(keep=1)
                     bar.update(1)
-                    if self.is_main and (self.global_step % val_every == 0):
+                    validating = self.is_main and self.global_step % val_every == 0
+                    saving = self.global_step % ckpt_every == 0
+                    if validating or saving or done() or self.epoch != epoch_at_start:
+                        settle()  # every step's bookkeeping done before anything is judged or written
+                    if validating:
                         val = self.validate()
                         last_val = self.global_step
-                        msg = (f"step {self.global_step}: loss_mel {losses['loss_mel']:.3f}, validation mel "
-                               f"{val.get('val_loss_mel', float('nan')):.3f}")
+                        msg = (f"step {self.global_step}: loss_mel {self.history[-1]['loss_mel']:.3f}, validation "
+                               f"mel {val.get('val_loss_mel', float('nan')):.3f}")
                         bar.write(msg) if not bar.disable else _LOGGER.info("%s", msg)
-                    if self.global_step % ckpt_every == 0:
+                    if saving:
                         self.save()
                         last_saved = self.global_step
                     if done() or self.epoch != epoch_at_start:
                         break
+            settle()
         finally:
             bar.close()
         if self.is_main and last_val != self.global_step:
