@@ -87,6 +87,28 @@ def triton_importable() -> bool:
     return _TRITON_IMPORTABLE
 
 
+#: Set by :mod:`vits_fast.audit` while it records: CPU tensors then count as device tensors (see :func:`on_host`).
+_AUDIT_AS_DEVICE = False
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """True when ``t``'s values can be read without waiting for a device (it lives in host memory). Value checks
+    that would synchronise with a GPU run only where this holds; the sync audit turns it off so that a CPU run
+    takes the branches a GPU run takes."""
+    return t.device.type == "cpu" and not _AUDIT_AS_DEVICE
+
+
+@contextlib.contextmanager
+def host_as_device() -> Iterator[None]:
+    """For the sync audit only: within the block, :func:`on_host` is False for CPU tensors too."""
+    global _AUDIT_AS_DEVICE
+    before, _AUDIT_AS_DEVICE = _AUDIT_AS_DEVICE, True
+    try:
+        yield
+    finally:
+        _AUDIT_AS_DEVICE = before
+
+
 def interpreter_enabled() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -17,14 +17,14 @@ from torch.nn import Conv1d, Conv2d, ConvTranspose1d
 from torch.nn import functional as F
 
 from . import attentions, commons, modules
-from .backend import current_backend, use_triton
+from .backend import current_backend, on_host, use_triton
 from .commons import get_padding, init_weights, remove_weight_norm, spectral_norm, stage, weight_norm
 from .monotonic_align import maximum_path
 
 
 def _rng_device(module: nn.Module, x: torch.Tensor) -> Optional[str]:
     """Where random draws happen: upstream's CPU generator on the reference path, ``x``'s device on the fused one."""
-    if x.is_cuda and use_triton(x, module=module):
+    if not on_host(x) and use_triton(x, module=module):
         return None
     return "cpu"
 
@@ -411,7 +411,7 @@ def _check_ids(name: str, x: torch.Tensor, n_vocab: int) -> None:
         raise ValueError(f"{name} must be [batch, phonemes], got shape {tuple(x.shape)}")
     if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"{name} must hold integer phoneme ids, got dtype {x.dtype}")
-    if not x.is_cuda and x.numel() and (int(x.min()) < 0 or int(x.max()) >= n_vocab):
+    if on_host(x) and x.numel() and (int(x.min()) < 0 or int(x.max()) >= n_vocab):
         raise ValueError(f"{name} holds ids outside the vocabulary [0, {n_vocab}): "
                          f"min {int(x.min())}, max {int(x.max())}")
 
@@ -423,7 +423,7 @@ def _check_lengths(name: str, lengths: torch.Tensor, batch: int, max_len: int, d
         raise ValueError(f"{name} must have shape [{batch}] (one length per item), got {tuple(lengths.shape)}")
     if lengths.is_floating_point() or lengths.is_complex():
         raise TypeError(f"{name} must be an integer tensor, got dtype {lengths.dtype}")
-    if lengths.is_cuda and current_backend() != "reference":
+    if not on_host(lengths) and current_backend() != "reference":
         return  # value checks would synchronise with the host
     if batch and int(lengths.min()) <= 0:
         raise ValueError(f"{name} must be positive, got {lengths.tolist()}")
@@ -489,7 +489,7 @@ class SynthesizerTrn(nn.Module):
             raise TypeError(f"`{name}` must be a torch.Tensor of speaker ids, got {type(sid).__name__}")
         if sid.dim() != 1 or sid.size(0) != batch:
             raise ValueError(f"`{name}` must have shape [{batch}], got {tuple(sid.shape)}")
-        if not sid.is_cuda and batch and (int(sid.min()) < 0 or int(sid.max()) >= self.n_speakers):
+        if on_host(sid) and batch and (int(sid.min()) < 0 or int(sid.max()) >= self.n_speakers):
             raise ValueError(f"`{name}` must be in [0, {self.n_speakers}), got {sid.tolist()}")
         return self.emb_g(sid).unsqueeze(-1)
 
@@ -596,6 +596,7 @@ class SynthesizerTrn(nn.Module):
             w = torch.exp(logw) * x_mask * length_scale
             w_ceil = torch.ceil(w)
             y_lengths = torch.clamp_min(torch.sum(w_ceil, [1, 2]), 1).long()
+            # The one host synchronisation of synthesis: the output length sizes everything after it.
             y_mask = torch.unsqueeze(commons.sequence_mask(y_lengths, y_lengths.max()), 1).type_as(x_mask)
             attn_mask = torch.unsqueeze(x_mask, 2) * torch.unsqueeze(y_mask, -1)
             attn = commons.generate_path(w_ceil, attn_mask)

@@ -156,7 +156,7 @@ def _maximum_path(neg_cent, mask, x_lengths, y_lengths, return_durations):
     device, dtype = neg_cent.device, neg_cent.dtype
     x_name, y_name = ("mask", "mask") if mask is not None else ("x_lengths", "y_lengths")
 
-    from ..backend import current_backend, use_triton
+    from ..backend import current_backend, on_host, use_triton
 
     on_triton = use_triton(neg_cent)
     if on_triton:
@@ -179,7 +179,7 @@ def _maximum_path(neg_cent, mask, x_lengths, y_lengths, return_durations):
             m = mask.detach()
             x_len = (m[:, 0, :] != 0).sum(1, dtype=torch.int32)
             y_len = (m[:, :, 0] != 0).sum(1, dtype=torch.int32)
-        if all(t.device.type == "cpu" for t in (x_len, y_len) if t is not None):
+        if all(on_host(t) for t in (x_len, y_len) if t is not None):
             xs = x_len.numpy().astype(np.int64) if x_len is not None else np.full(b, t_x_max)
             ys = y_len.numpy().astype(np.int64) if y_len is not None else np.full(b, t_y_max)
             _check_host_lengths(xs, ys, t_x_max, t_y_max, x_name, y_name)
