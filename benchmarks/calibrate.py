@@ -9,7 +9,8 @@ random data):
 * ``conv1d_flops_per_s``: a HiFi-GAN-sized 1-D convolution (batch 16, 256 -> 256 channels, kernel 7, 8192 steps)
   per dtype (cuDNN, fp32 with TF32 off and on), the shape class most of a VITS step is made of;
 * ``launch_s``: host time per launch of a one-element PyTorch op and of a one-element Triton kernel, each the
-  median over 2000 back-to-back launches (no synchronisation in between), which is what a launch-bound step pays.
+  mean over 2000 back-to-back launches (no synchronisation in between), which is what a launch-bound step pays;
+  and the host time of one fused op, layer by layer (:func:`fused_op_host_times`).
 
 Prints one line per number and writes them all to the JSON file. ``vits_fast.profile --estimate`` can read it
 (``--calibration FILE``) in place of its documented defaults.
@@ -114,6 +115,24 @@ def triton_launch_time() -> float:
     return launch_time(lambda: _one[(1,)](x))
 
 
+def fused_op_host_times() -> dict:
+    """Host seconds per call of one fused op at a tiny size, peeled layer by layer: the registered op
+    (``torch.ops.vits_fast.wn_gate``: dispatcher, autograd wrapper, launcher), its Python body alone (launcher
+    and Triton launch), and the eager ops it replaces. The first H200 run found fused modules slower than the
+    reference though each kernel ran at the copy ceiling; these numbers say which layer costs the host time."""
+    from vits_fast.kernels import wn as _wn
+
+    x = torch.randn(1, 32, 16, device="cuda")
+    body = _wn.wn_gate._init_fn  # the custom op's own Python function, without torch.library's dispatch
+
+    def eager():
+        return torch.tanh(x[:, :16]) * torch.sigmoid(x[:, 16:])
+
+    return {"wn_gate_op": launch_time(lambda: torch.ops.vits_fast.wn_gate(x, None)),
+            "wn_gate_body": launch_time(lambda: body(x, None)),
+            "wn_gate_eager_equivalent": launch_time(eager)}
+
+
 def main(argv=None) -> dict:
     args = sys.argv[1:] if argv is None else list(argv)
     tiny = "--tiny" in args
@@ -140,6 +159,7 @@ def main(argv=None) -> dict:
     if ON_CUDA:
         try:
             res["launch_s"]["triton"] = triton_launch_time()
+            res["launch_s"].update(fused_op_host_times())
         except Exception as exc:  # noqa: BLE001 -- report, keep the other numbers
             res["launch_s"]["triton_error"] = repr(exc)
     print(f"calibration on {res['device']} ({res['sm']}, {res['sms']} SMs), torch {res['torch']}"
