@@ -80,6 +80,7 @@ VARIANTS = {
     "ours-resblock1-dp": (_tiny(2, resblock="1", resblock_kernel_sizes=(3, 5),
                                 resblock_dilation_sizes=((1, 3, 5), (1, 3, 5)), use_sdp=False), "ours", 0.2),
     "ours-x-low": (model_kwargs("x-low", 256, 1), "ours", 0.1),
+    "ours-opset17": (_tiny(1), "ours-17", 0.2),  # LayerNormalization nodes instead of their decomposition
     "piper-single": (_tiny(1), "piper", 0.2),
     "piper-multi-unfolded": (_tiny(3), "piper-unfolded", 0.2),
 }
@@ -97,8 +98,8 @@ def voices(tmp_path_factory):
             folder = tmp_path_factory.mktemp(name)
             config = export.make_voice_config(model, sample_rate=16000)
             path = folder / "voice.onnx"
-            if how == "ours":
-                export.export_onnx(model, path, config)
+            if how.startswith("ours"):
+                export.export_onnx(model, path, config, opset=17 if how == "ours-17" else export.OPSET_VERSION)
             else:
                 _piper_export(model, path, fold=how == "piper")
                 export.write_voice_config(config, export.onnx_config_path(path))
@@ -268,6 +269,8 @@ def test_errors_are_clear(voices, tmp_path, capsys):
         convert.import_onnx_voice(_graph_file(tmp_path / "wide.onnx", (2, 4096)))
     with pytest.raises(convert.OnnxVoiceError, match="external files"):
         convert.import_onnx_voice(_graph_file(tmp_path / "ext.onnx", (10, 16), external=True))
+    with pytest.raises(convert.OnnxVoiceError, match=r"filter_length=1000000000 .* outside 1\.\.16384"):
+        convert.import_onnx_voice(v["path"], config=dict(v["config"], audio={"filter_length": 10**9}))
     # A config of another voice.
     with pytest.raises(convert.OnnxVoiceError, match="num_speakers=4, but .* has 1: they do not belong together"):
         convert.import_onnx_voice(v["path"], config=dict(v["config"], num_speakers=4))

@@ -56,7 +56,8 @@ PathLike = Union[str, Path]
 MAX_FILE_BYTES = 2 << 30  # protobuf's own limit
 LIMITS = dict(n_vocab=65536, n_speakers=65536, hidden_channels=1024, inter_channels=1024, filter_channels=4096,
               gin_channels=1024, n_layers=32, upsample_initial_channel=2048, num_upsamples=8, num_kernels=8,
-              kernel_size=31)
+              kernel_size=31, k_channels=1024, sample_rate=192000, filter_length=16384, win_length=16384,
+              mel_channels=512)
 _MAX_CONST_ELEMENTS = 1 << 26  # one evaluated constant (256 MiB in float32)
 _MAX_CONST_DEPTH = 64  # ops on the longest chain from an initializer to a weight
 #: Seed of the fresh parts (posterior encoder, discriminator): a conversion is reproducible.
@@ -189,7 +190,8 @@ class _Graph:
         self._to_array = numpy_helper.to_array
         self._attr = onnx.helper.get_attribute_value
         # Which values are constant: one pass in the (topological) node order; values are computed on demand.
-        self._depth: Dict[str, int] = {t: 0 for t in self._tensors}
+        self._depth: Dict[str, int] = {t.name: 0 for t in graph.initializer
+                                       if t.data_type != onnx.TensorProto.STRING}
         self._values: Dict[str, np.ndarray] = {}
         for node in self.nodes:
             if node.op_type == "Constant":
@@ -294,14 +296,12 @@ class _Weights:
     affine: List[Tuple[np.ndarray, np.ndarray]]  # the duration flow's ElementwiseAffine (m, exp(-logs))
 
 
-def _const_operand(graph: _Graph, node: Any) -> Tuple[Optional[np.ndarray], Optional[str]]:
-    """(value, other input) of a binary node with exactly one constant operand."""
+def _const_operand(graph: _Graph, node: Any) -> Optional[np.ndarray]:
+    """The constant operand of a binary node whose other operand is not constant."""
     if len(node.input) != 2:
-        return None, None
+        return None
     a, b = (graph.float_const(i) for i in node.input)
-    if (a is None) == (b is None):
-        return None, None
-    return (a, node.input[1]) if a is not None else (b, node.input[0])
+    return None if (a is None) == (b is None) else (a if a is not None else b)
 
 
 def _follower(graph: _Graph, node: Any, op_type: str, shape: Tuple[int, ...]) -> Optional[np.ndarray]:
@@ -309,7 +309,7 @@ def _follower(graph: _Graph, node: Any, op_type: str, shape: Tuple[int, ...]) ->
     users = graph.consumers.get(node.output[0], [])
     if len(users) != 1 or users[0].op_type != op_type:
         return None
-    value, _ = _const_operand(graph, users[0])
+    value = _const_operand(graph, users[0])
     return value if value is not None and value.shape == shape else None
 
 
@@ -330,12 +330,17 @@ def _read_weights(graph: _Graph) -> _Weights:
         elif op == "MatMul":
             for name in node.input:
                 value = graph.float_const(graph.source(name))
-                if value is not None and value.ndim >= 3 and value.shape[-2] % 2 == 1:
+                if (value is not None and value.ndim >= 3 and math.prod(value.shape[:-3]) == 1
+                        and value.shape[-2] % 2 == 1):
                     w.rel.append(value.reshape(value.shape[-3:]))
         elif op == "LayerNormalization":  # opset >= 17
-            w.norms.append((graph.float_const(node.input[1]), graph.float_const(node.input[2])))
+            gamma = graph.float_const(node.input[1])
+            beta = graph.float_const(node.input[2]) if len(node.input) > 2 else None
+            if gamma is None or beta is None:
+                raise OnnxVoiceError(f"{graph.name}: LayerNormalization {node.name!r} lacks a constant scale or bias")
+            w.norms.append((gamma, beta))
         elif op == "Mul":  # layer norm before opset 17: normalised * gamma + beta
-            gamma, _ = _const_operand(graph, node)
+            gamma = _const_operand(graph, node)
             if gamma is not None and gamma.ndim == 1 and gamma.size > 1:
                 beta = _follower(graph, node, "Add", gamma.shape)
                 if beta is not None:
@@ -393,7 +398,7 @@ def _architecture(graph: _Graph, w: _Weights, path: str) -> Dict[str, Any]:
                              f"{[tuple(r.shape) for r in w.rel][:4]}")
     n_layers = len(w.rel) // 2
     k_channels = int(w.rel[0].shape[2])
-    _bound("the attention layers", path, n_layers=n_layers)
+    _bound("the attention layers", path, n_layers=n_layers, k_channels=k_channels)
     if hidden % k_channels:
         raise OnnxVoiceError(f"{path}: attention channels per head {k_channels} do not divide {hidden}")
     convs = w.convs
@@ -444,7 +449,7 @@ def _call_order(model: SynthesizerTrn) -> List[Tuple[str, nn.Module]]:
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
     try:
         with torch.no_grad(), backend("reference"), torch.random.fork_rng(devices=[]):
-            x = torch.ones(1, 2, dtype=torch.long)
+            x = torch.zeros(1, 2, dtype=torch.long)
             sid = torch.zeros(1, dtype=torch.long) if model.n_speakers > 1 else None
             # A tiny length scale keeps the fresh model's durations at one frame per phoneme.
             model.infer(x, torch.tensor([2]), sid=sid, noise_scale=0.0, length_scale=1e-3, noise_scale_w=0.0)
@@ -591,6 +596,22 @@ def _read_config(path: Path, config: Optional[Union[PathLike, Mapping[str, Any]]
         raise OnnxVoiceError(str(exc)) from None
 
 
+def _audio_settings(section: Any, hop: int, where: str) -> AudioConfig:
+    """STFT settings: Piper's defaults with the decoder's hop, overridden by the config's ``audio`` section (a
+    Piper voice config has only ``sample_rate`` there)."""
+    section = section if isinstance(section, Mapping) else {}
+    try:
+        values = {k: int(section[k]) for k in ("sample_rate", "filter_length", "win_length", "mel_channels")
+                  if section.get(k) is not None}
+        values.update({k: float(section[k]) for k in ("mel_fmin", "mel_fmax") if section.get(k) is not None})
+    except (TypeError, ValueError) as exc:
+        raise OnnxVoiceError(f"{where}: invalid audio settings {dict(section)}: {exc}") from None
+    audio = AudioConfig(hop_length=hop, **values)
+    _bound("the audio settings", where, sample_rate=audio.sample_rate, filter_length=audio.filter_length,
+           win_length=audio.win_length, mel_channels=audio.mel_channels)
+    return audio
+
+
 def _load_model(path: Path) -> Any:
     try:
         import onnx
@@ -634,11 +655,7 @@ def import_onnx_voice(path: PathLike, config: Optional[Union[PathLike, Mapping[s
                              f"{graph.inputs}, {kwargs['n_speakers']} speaker(s))")
 
     hop = math.prod(kwargs["upsample_rates"])
-    audio_cfg = config_dict.get("audio") or {}
-    known = {k: audio_cfg[k] for k in ("filter_length", "win_length", "mel_channels", "mel_fmin", "mel_fmax")
-             if audio_cfg.get(k) is not None}
-    audio = AudioConfig(sample_rate=int(audio_cfg.get("sample_rate") or AudioConfig().sample_rate),
-                        hop_length=hop, **known)
+    audio = _audio_settings(config_dict.get("audio"), hop, str(config_path or "the given voice config"))
     kwargs.update(spec_channels=audio.spec_channels, segment_size=8192 // hop)  # Piper's segment: 8192 samples
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FRESH_SEED)
