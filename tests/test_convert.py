@@ -28,7 +28,6 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import vits_fast  # noqa: E402
 from vits_fast import checkpoint as ckpt_lib  # noqa: E402
 from vits_fast import convert, export, synthesize  # noqa: E402
 from vits_fast import inference as inf  # noqa: E402

@@ -1,4 +1,4 @@
-"""Import a published Piper ONNX voice back into a :class:`SynthesizerTrn`, and write it as a Piper checkpoint.
+"""Import a published Piper ONNX voice back into a SynthesizerTrn, and write it as a Piper checkpoint.
 
 ``python -m vits_fast.convert VOICE.onnx OUT.ckpt [--config VOICE.onnx.json] [--force]``
 
