@@ -672,16 +672,21 @@ def load_voice_config(path: Union[str, Path]) -> Dict[str, Any]:
 
 def load_voice(checkpoint: Union[str, Path], config: Optional[Union[str, Path, Mapping[str, Any]]] = None,
                map_location: Union[str, torch.device] = "cpu") -> Voice:
-    """Build the generator of one of our or Piper's checkpoints (``.ckpt``, or a bare generator state dict).
+    """Build the generator of one of our or Piper's checkpoints (``.ckpt``, or a bare generator state dict), or of
+    a Piper ONNX voice (``.onnx``, imported by :func:`vits_fast.convert.import_onnx_voice`).
 
-    ``config``: a Piper ``config.json`` (path or dict); by default the one :func:`find_voice_config` finds.
+    ``config``: a Piper ``config.json`` (path or dict); by default the one :func:`find_voice_config` finds (for
+    ``VOICE.onnx``: ``VOICE.onnx.json``, which must exist).
     The checkpoint is read with :func:`vits_fast.checkpoint.load_checkpoint` (no code from the file runs) and
     the model built as :func:`vits_fast.checkpoint.model_config_from_checkpoint` says; both raise
     :class:`vits_fast.checkpoint.CheckpointError` for a file they cannot use.
     """
     from . import checkpoint as ckpt_lib
+    from .convert import is_onnx, load_onnx_voice
 
     checkpoint = Path(checkpoint)
+    if is_onnx(checkpoint):
+        return load_onnx_voice(checkpoint, config)
     ckpt = ckpt_lib.load_checkpoint(checkpoint, map_location=map_location)
     kwargs, audio, _ = ckpt_lib.model_config_from_checkpoint(ckpt, name=f"checkpoint {checkpoint}")
     g_state, _ = ckpt_lib.generator_state(ckpt)

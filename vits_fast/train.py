@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from . import checkpoint as ckpt_lib
 from .commons import slice_segments
+from .convert import load_checkpoint_or_voice
 from .config import AudioConfig, PRESETS, model_kwargs as preset_model_kwargs, tiny_model_kwargs
 from .data import (CORPUS_DIR, Batch, BucketBatchSampler, Collate, DataError, Phonemizer, TTSDataset,
                    default_phoneme_id_map, prepare_items, read_dataset, report_problems, split_items)
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Piper preset (default: tiny on the demo corpus, medium otherwise)")
     m.add_argument("--segment-size", type=int, default=None, help="training window in samples (Piper: 8192)")
     m.add_argument("--init-from", type=Path, default=None,
-                   help="warm start from a Piper/vits_fast .ckpt (weights only; architecture from the file)")
+                   help="warm start from a Piper/vits_fast .ckpt or a Piper .onnx voice (weights only; "
+                        "architecture from the file)")
     m.add_argument("--resume", default=None, help="continue a run: a .ckpt path, or 'auto' for OUTPUT's last.ckpt")
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=None, help="per process (default: 8 tiny, 32 otherwise)")
@@ -262,7 +264,7 @@ class Trainer:
         args = self.args
         resume_path = self._resolve_resume()
         self.resume_ckpt = ckpt_lib.load_checkpoint(resume_path) if resume_path is not None else None
-        init_ckpt = ckpt_lib.load_checkpoint(args.init_from) if args.init_from is not None else None
+        init_ckpt = load_checkpoint_or_voice(args.init_from) if args.init_from is not None else None
         source_ckpt = self.resume_ckpt if self.resume_ckpt is not None else init_ckpt
 
         items, bad, info = read_dataset(args.dataset, single_speaker=args.single_speaker)
