@@ -31,6 +31,7 @@ ort = pytest.importorskip("onnxruntime")
 from vits_fast import checkpoint as ckpt_lib  # noqa: E402
 from vits_fast import convert, export, synthesize  # noqa: E402
 from vits_fast import inference as inf  # noqa: E402
+from vits_fast import step as step_lib  # noqa: E402
 from vits_fast.config import model_kwargs, tiny_model_kwargs  # noqa: E402
 from vits_fast.models import MultiPeriodDiscriminator, SynthesizerTrn  # noqa: E402
 
@@ -211,8 +212,8 @@ def test_train_init_from_onnx(voices, corpus, cache_dir, tmp_path):  # noqa: F81
     for key, value in imported.items():
         if not key.startswith("emb_g."):
             assert torch.equal(own[key], value), key
-    losses = t.train_step(next(iter(t._loader(t.train_set, t.sampler, 0))))
-    assert all(np.isfinite(x) for x in losses.values())
+    losses, finite = step_lib.losses_of(t.train_step(next(iter(t._loader(t.train_set, t.sampler, 0)))))
+    assert finite and all(np.isfinite(x) for x in losses.values())
 
 
 # --------------------------------------------------------------------------------------------------------
