@@ -13,6 +13,9 @@ import torch
 
 from vits_fast import audit, step as step_lib
 from vits_fast.step import HOST_SYNCS
+from tests._util import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _function(site: str) -> str:
