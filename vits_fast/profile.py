@@ -52,7 +52,7 @@ from .backend import backend as backend_ctx, set_module_backend
 from .commons import stage
 from .config import AudioConfig, model_kwargs, tiny_model_kwargs
 from .data import Batch
-from .step import StepOutput, StepParts, adamw, train_step
+from .step import StepOutput, StepParts, adamw, compile_fixed_shape_parts, train_step
 
 CONFIGS = ("tiny", "x-low", "medium", "high")
 KERNELS = ("wn", "spline", "coupling", "mas")
@@ -242,8 +242,7 @@ class TrainStep:
         self.model_d = build_discriminator(config).to(device).train()
         set_module_backend(self.model_g, backend)
         if compile:
-            self.model_g.dec.compile()
-            self.model_d.compile()
+            compile_fixed_shape_parts(self.model_g, self.model_d)
         self.optim_g = adamw(self.model_g.parameters(), device, lr=2e-4)
         self.optim_d = adamw(self.model_d.parameters(), device, lr=2e-4)
         self.parts = StepParts(model_g=self.model_g, model_d=self.model_d, optim_g=self.optim_g,

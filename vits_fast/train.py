@@ -52,7 +52,8 @@ from .inference import DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_
 from .losses import discriminator_loss, feature_loss, generator_loss, kl_loss
 from .mel_processing import mel_spectrogram_torch, spec_to_mel_torch
 from .models import MultiPeriodDiscriminator, SynthesizerTrn
-from .step import C_KL, C_MEL, LOSS_NAMES, DeferredRead, StepOutput, StepParts, adamw, generator_pass, train_step
+from .step import (C_KL, C_MEL, COMPILE_MODES, LOSS_NAMES, DeferredRead, StepOutput, StepParts, adamw,
+                   compile_fixed_shape_parts, generator_pass, train_step)
 
 _LOGGER = logging.getLogger("vits_fast.train")
 
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-decay", type=float, default=0.999875, help="ExponentialLR gamma, stepped per epoch")
     t.add_argument("--grad-clip", type=float, default=None, help="clip each model's gradient norm to this")
     t.add_argument("--precision", choices=("32", "bf16", "16"), default="32")
+    t.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="torch.compile the decoder and discriminator (fixed-size windows, so they compile once "
+                        "per batch size; reduce-overhead also replays them as CUDA graphs). Off by default: "
+                        "compiling takes minutes, and no GPU measurement shows the gain yet")
+    t.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend for --compile (inductor; aot_eager to debug a compile problem)")
     t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
                    help="a NaN/inf loss skips that update (logged) or stops training")
     t.add_argument("--max-nonfinite", type=int, default=25, help="stop after this many consecutive skipped steps")
@@ -335,6 +342,7 @@ class Trainer:
             self._restore(self.resume_ckpt, resume_path)
         else:
             torch.manual_seed(args.seed + self.rank)
+        compile_fixed_shape_parts(self.model_g, self.model_d, args.compile, args.compile_backend)
         self.g_train, self.d_train = self.model_g, self.model_d
         if self.distributed:
             self._wrap_ddp()
