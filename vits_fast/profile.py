@@ -224,13 +224,14 @@ class TrainStep:
     ``backend``: ``reference``, ``triton`` or ``auto`` (pinned on the generator's modules and active around every
     step, so the alignment search follows it too). ``precision``: ``fp32`` or ``bf16`` (autocast; spectrograms,
     mels and losses stay fp32). ``compile``: ``torch.compile`` the decoder and the discriminator (the two largest
-    parts; their shapes are fixed by the training window, so they compile once).
+    parts; their shapes are fixed by the training window, so they compile once) in ``compile_mode``
+    (``reduce-overhead``: replayed as CUDA graphs); see :func:`vits_fast.step.compile_fixed_shape_parts`.
     Calling the object runs one step and returns its :class:`~vits_fast.step.StepOutput` (losses on the device,
     no host synchronisation).
     """
 
     def __init__(self, config: str, sizes: Sizes, device: torch.device, *, backend: str = "auto",
-                 precision: str = "fp32", compile: bool = False, seed: int = 0):
+                 precision: str = "fp32", compile: bool = False, compile_mode: str = "default", seed: int = 0):
         from .models import SynthesizerTrn
 
         if precision not in PRECISIONS:
@@ -242,7 +243,7 @@ class TrainStep:
         self.model_d = build_discriminator(config).to(device).train()
         set_module_backend(self.model_g, backend)
         if compile:
-            compile_fixed_shape_parts(self.model_g, self.model_d)
+            compile_fixed_shape_parts(self.model_g, self.model_d, compile_mode)
         self.optim_g = adamw(self.model_g.parameters(), device, lr=2e-4)
         self.optim_d = adamw(self.model_d.parameters(), device, lr=2e-4)
         self.parts = StepParts(model_g=self.model_g, model_d=self.model_d, optim_g=self.optim_g,
