@@ -239,3 +239,13 @@ def test_streaming_split_equals_infer(multi):
                                     first_chunk_frames=2))
     assert len(chunks) > 3
     np.testing.assert_allclose(torch.cat(chunks, dim=2).numpy(), whole, rtol=1e-4, atol=2e-6)
+
+
+def test_export_without_onnx_names_the_extra(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the onnx extra were not installed
+    out = tmp_path / "voice.onnx"
+    assert export.main(["onnx", str(tmp_path / "any.ckpt"), str(out)]) == 1
+    assert "pip install 'vits_fast[onnx]'" in capsys.readouterr().err
+    assert not out.exists()

@@ -331,6 +331,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s: %(message)s")
     try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it)
+    except ImportError:
+        print("error: ONNX export needs the onnx package, an optional extra of vits_fast: "
+              "pip install 'vits_fast[onnx]'", file=sys.stderr)
+        return 1
+    try:
         voice = load_voice(args.checkpoint, args.config)
         config = make_voice_config(voice.model, voice.config, sample_rate=args.sample_rate or voice.sample_rate,
                                    quality=args.quality, espeak_voice=args.espeak_voice)
