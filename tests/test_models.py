@@ -345,3 +345,35 @@ def test_bad_inputs(multi, single):
 def test_multispeaker_needs_gin_channels():
     with pytest.raises(ValueError, match="gin_channels"):
         vits_fast.SynthesizerTrn(**tiny_model_kwargs(num_speakers=3, gin_channels=0))
+
+
+def test_decoder_drops_a_mask_without_padding():
+    """Batch 1 or equal lengths: the all-ones mask is not multiplied in (upstream's cost on a CPU), and the audio
+    is bit-identical; a padded mask is still applied."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMul(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountMul.n += func is torch.ops.aten.mul.Tensor
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    kw = tiny_model_kwargs()
+    dec = models.Generator(kw["inter_channels"], kw["resblock"], kw["resblock_kernel_sizes"],
+                           kw["resblock_dilation_sizes"], kw["upsample_rates"], kw["upsample_initial_channel"],
+                           kw["upsample_kernel_sizes"]).eval()
+    x = torch.randn(2, kw["inter_channels"], 9)
+
+    def muls(mask):
+        CountMul.n = 0
+        with torch.no_grad(), CountMul():
+            out = dec(x, x_mask=mask)
+        return out, CountMul.n
+
+    plain, n_plain = muls(None)
+    ones, n_ones = muls(torch.ones(2, 1, 9))
+    padded, n_padded = muls((torch.arange(9) < torch.tensor([9, 6])[:, None]).float()[:, None])
+    assert torch.equal(ones, plain) and n_ones == n_plain
+    assert n_padded > n_plain and not torch.equal(padded[1], plain[1])  # the padding is masked

@@ -288,7 +288,12 @@ class Generator(nn.Module):
         With ``x_mask`` [b, 1, t] every convolution sees zeros past each item's length, so each item of a padded
         batch decodes exactly as it would alone, and the padding decodes to silence. Without it (upstream's
         behaviour, used in training on full-length slices) the padding's activations leak into the last samples.
+        A mask with no padding (batch 1, equal lengths) is dropped where that costs no device synchronisation and
+        no graph break (eager, host tensors): multiplying by ones changes nothing but the time (7-10 % of CPU
+        synthesis).
         """
+        if x_mask is not None and on_host(x_mask) and not torch.compiler.is_compiling() and bool(x_mask.all()):
+            x_mask = None
         x = self.conv_pre(x if x_mask is None else x * x_mask)
         if g is not None:
             x = x + self.cond(g)
