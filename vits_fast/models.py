@@ -289,6 +289,10 @@ class Generator(nn.Module):
         batch decodes exactly as it would alone, and the padding decodes to silence. Without it (upstream's
         behaviour, used in training on full-length slices) the padding's activations leak into the last samples.
         """
+        if use_triton(x, module=self):
+            from .kernels import hifigan as _hifigan
+
+            return _hifigan.generator_forward(self, x, g, x_mask)
         x = self.conv_pre(x if x_mask is None else x * x_mask)
         if g is not None:
             x = x + self.cond(g)
