@@ -35,32 +35,43 @@ residual step bwd          20 / 12 + sum of the two grads of x r8 w4 = 32 / 24  
 stage end bwd              *m 8, lrelu bwd 12, div bwd 8 = 28 / 20               r8 w4 = 12
 =========================  ====================================================  ==================
 
-The first block of a stage has no ``acc`` (4 B less on both sides); a block end that is not the stage end has
-the same backward on both sides (``dout * m``, or nothing without a mask). Activation backward reads the
-activation's *output* ``xt`` (its sign is the pre-activation's wherever ``m > 0``, and where ``m = 0`` the
-gradient is 0 either way), not its input: ``xt`` is kept anyway as the next convolution's saved input, so the
-pre-activation is never kept for backward (eager keeps it): one ``[b, c, t]`` tensor less per activation.
-This needs a non-negative mask (sequence masks are 0/1) and a non-negative slope.
+The first block of a stage has no ``acc``: eager 20 / 12, fused 12 (unmasked it is the same aten add). The
+backward of ``(y + x) * m`` at every block end is the same on both sides (``dout * m``, r4 w4, or nothing
+without a mask). Activation backward reads the activation's *output* ``xt`` (its sign is the
+pre-activation's wherever ``m > 0``, and where ``m = 0`` the gradient is 0 either way), not its input: ``xt`` is
+kept anyway as the next convolution's saved input, so the pre-activation is never kept for backward (eager
+keeps it): one ``[b, c, t]`` tensor less per activation. This needs a non-negative mask (sequence masks are
+0/1) and a non-negative slope.
 
 Launches
 --------
 Each custom-op call costs far more host time than an aten op (first H200 run: ~12 us of custom-op dispatch
 plus ~14 us of Triton launch, against ~1.4 us for an aten add), so each op here replaces several aten ops, and
-where a fused op would replace a single aten op the aten op stays: a standalone ``ResBlock`` without mask ends
-in a plain ``y + x``, the backward of a block end that is not a stage end is ``dout * m`` (or nothing), the
+where a fused op would replace a single aten op the aten op stays: an unmasked block end without MRF sum is
+a plain ``y + x``, the backward of a block end that is not a stage end is ``dout * m`` (or nothing), the
 conditioning gradient is one ``sum`` over time, and the final ``tanh(conv_post(.)) * m`` acts on the
 1-channel ``conv_post`` output (1/c of the last stage's bytes) and stays two aten ops.
 
-Elementwise launches (convolutions excluded; counted with a ``TorchDispatchMode``, views and allocations not
-counted), forward / backward:
+Elementwise launches (counted with a ``TorchDispatchMode`` on the CPU: every dispatched op except views,
+allocations, convolutions and weight norm, whose 44 (medium) / 154 (high) forward calls are the same on both
+sides; a fused op is one launch), forward / backward, with a mask / without:
 
-======================================================  ===================  ===================
-                                                        eager (mask / none)  fused (mask / none)
-======================================================  ===================  ===================
-ResBlock1 (3 dilation pairs), standalone                16 / 9  ;  17 / 12    7 / 7  ;  7 / 6
-ResBlock2 (2 convs), standalone                         7 / 4   ;  8 / 5      3 / 3  ;  3 / 2
-Generator, Piper medium (4 stages x 3 ResBlock1)        see README / report
-======================================================  ===================  ===================
+=====================================  =============  =============  =============  =============
+module                                 eager, mask    eager, none    fused, mask    fused, none
+                                       fwd    bwd     fwd    bwd     fwd    bwd     fwd    bwd
+=====================================  =============  =============  =============  =============
+ResBlock1 (3 dilation pairs) alone     16     16      9      9       7      8       7      7
+ResBlock2 (2 convs) alone              7      7       4      4       3      4       3      3
+Generator medium (3 x 3 ResBlock2)     86     83      50     50      28     43      23     32
+Generator high (4 x 3 ResBlock1)       221    217     126    126     84     104     78     90
+=====================================  =============  =============  =============  =============
+
+(Speaker conditioning adds one launch to each Generator count on both sides.) Of the fused Generator's
+launches, 19-22 (medium) / 73-77 (high) forward and 16 / 69 backward are custom ops; the remaining aten ops
+are the input mask, the mask upsampling (``repeat_interleave``), the final ``tanh`` (and ``* m``), the
+unmasked first ``y + x`` block end of each stage, the ``dout * m`` backward of masked block ends, and
+autograd's sums of the gradients of tensors with several consumers (the upsampled ``x`` feeds every block of
+its stage), which eager has too.
 
 Why the boundary is here
 ------------------------
@@ -258,8 +269,9 @@ def _compile_configs():
                     add(_mrf_fwd_kernel, dict(y_ptr=d, x_ptr=d, acc_ptr=od, mask_ptr=m, out_ptr=od, **ints,
                                               m_sb="i32", n_div="fp32", slope="fp32"),
                         dict(base, HAS_ACC=has_acc, LAST=last), f"hifigan mrf fwd {tag} acc={has_acc} last={last}")
-            add(_mrf_bwd_kernel, dict(dout_ptr=od, out_ptr=od, mask_ptr=m, d_ptr=od, **ints, m_sb="i32",
-                                      n_div="fp32", slope="fp32"), base, f"hifigan mrf bwd {tag}")
+            if ddt == mdt or not has_mask:  # reads/writes only the output dtype: the mixed pairs are fp32's
+                add(_mrf_bwd_kernel, dict(dout_ptr=od, out_ptr=od, mask_ptr=m, d_ptr=od, **ints, m_sb="i32",
+                                          n_div="fp32", slope="fp32"), base, f"hifigan mrf bwd {tag}")
     return cfgs
 
 
@@ -279,8 +291,14 @@ def _grid(b: int, c: int, t: int):
 
 
 def _check(name: str, x: torch.Tensor, *others: Optional[torch.Tensor], mask: Optional[torch.Tensor] = None,
-           bias: Optional[torch.Tensor] = None) -> Tuple[int, int, int]:
-    """Shapes: ``x`` and ``others`` [b, c, t], ``mask`` [b or 1, 1, t], ``bias`` [b or 1, c, 1]; all floating."""
+           bias: Optional[torch.Tensor] = None, slope: Optional[float] = None,
+           num_kernels: Optional[int] = None) -> Tuple[int, int, int]:
+    """Shapes: ``x`` and ``others`` [b, c, t], ``mask`` [b or 1, 1, t], ``bias`` [b or 1, c, 1]; all floating;
+    ``slope`` >= 0 (the backward reads the lrelu branch off the output's sign)."""
+    if slope is not None and not slope >= 0:
+        raise ValueError(f"vits_fast::{name}: the leaky ReLU slope must be >= 0, got {slope}")
+    if num_kernels is not None and num_kernels < 1:
+        raise ValueError(f"vits_fast::{name}: num_kernels must be >= 1, got {num_kernels}")
     if x.dim() != 3:
         raise ValueError(f"vits_fast::{name}: x must be [b, c, t], got {tuple(x.shape)}")
     b, c, t = x.shape
@@ -318,7 +336,7 @@ def hifigan_act(x: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[to
     x: [b, c, t]; bias: [b, c, 1] (broadcast over time) or None; mask: [b, 1, t] (non-negative) or None.
     Returns [b, c, t] in the dtype PyTorch's promotion gives.
     """
-    b, c, t = _check("hifigan_act", x, mask=mask, bias=bias)
+    b, c, t = _check("hifigan_act", x, mask=mask, bias=bias, slope=slope)
     _check_device(x)
     dd, od = _dtypes((x,) if bias is None else (x, bias), mask)
     x = x.to(dd).contiguous()
@@ -335,7 +353,7 @@ def hifigan_act(x: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[to
 
 @hifigan_act.register_fake
 def _(x, bias, mask, slope):
-    _check("hifigan_act", x, mask=mask, bias=bias)
+    _check("hifigan_act", x, mask=mask, bias=bias, slope=slope)
     return x.new_empty(x.shape, dtype=_dtypes((x,) if bias is None else (x, bias), mask)[1])
 
 
@@ -346,7 +364,7 @@ def hifigan_res_act(y: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tenso
 
     y, x: [b, c, t]; mask: [b, 1, t] (non-negative) or None. Returns (s, xt), both [b, c, t].
     """
-    b, c, t = _check("hifigan_res_act", x, y, mask=mask)
+    b, c, t = _check("hifigan_res_act", x, y, mask=mask, slope=slope)
     _check_device(x)
     dd, od = _dtypes((y, x), mask)
     y, x = y.to(dd).contiguous(), x.to(dd).contiguous()
@@ -361,7 +379,7 @@ def hifigan_res_act(y: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tenso
 
 @hifigan_res_act.register_fake
 def _(y, x, mask, slope):
-    _check("hifigan_res_act", x, y, mask=mask)
+    _check("hifigan_res_act", x, y, mask=mask, slope=slope)
     dd, od = _dtypes((y, x), mask)
     return x.new_empty(x.shape, dtype=dd), x.new_empty(x.shape, dtype=od)
 
@@ -374,7 +392,7 @@ def hifigan_act_bwd(dxt: torch.Tensor, xt: torch.Tensor, ds: Optional[torch.Tens
     dxt, xt: [b, c, t] (gradient and value of the activation output); ds: [b, c, t] gradient of the residual
     stream ``s`` or None. Returns ``ds + dxt * mask * (xt > 0 ? 1 : slope)`` [b, c, t] in ``out_dtype``.
     """
-    b, c, t = _check("hifigan_act_bwd", xt, dxt, ds, mask=mask)
+    b, c, t = _check("hifigan_act_bwd", xt, dxt, ds, mask=mask, slope=slope)
     _check_device(xt)
     dxt, xt = dxt.to(xt.dtype).contiguous(), xt.contiguous()
     ds = ds.contiguous() if ds is not None else None
@@ -389,7 +407,7 @@ def hifigan_act_bwd(dxt: torch.Tensor, xt: torch.Tensor, ds: Optional[torch.Tens
 
 @hifigan_act_bwd.register_fake
 def _(dxt, xt, ds, mask, slope, out_dtype):
-    _check("hifigan_act_bwd", xt, dxt, ds, mask=mask)
+    _check("hifigan_act_bwd", xt, dxt, ds, mask=mask, slope=slope)
     return xt.new_empty(xt.shape, dtype=out_dtype)
 
 
@@ -418,15 +436,15 @@ hifigan_act.register_autograd(_act_backward, setup_context=_act_setup)
 
 def _res_act_setup(ctx, inputs, output):
     y, x, mask, slope = inputs
-    ctx.slope, ctx.dtypes = slope, (y.dtype, x.dtype)
+    ctx.slope, ctx.dtypes = slope, (y.dtype, x.dtype, output[0].dtype)  # output[0]: s = y + x, promoted
     ctx.save_for_backward(output[1], mask)
 
 
 def _res_act_backward(ctx, ds, dxt):
     _constant_mask(ctx, 2, "hifigan_res_act")
     xt, mask = ctx.saved_tensors
-    y_dt, x_dt = ctx.dtypes
-    d = hifigan_act_bwd(dxt, xt, ds, mask, ctx.slope, _promote(y_dt, x_dt))
+    y_dt, x_dt, s_dt = ctx.dtypes
+    d = hifigan_act_bwd(dxt, xt, ds, mask, ctx.slope, s_dt)
     return d.to(y_dt), d.to(x_dt), None, None
 
 
@@ -445,7 +463,7 @@ def hifigan_mrf(y: torch.Tensor, x: torch.Tensor, acc: Optional[torch.Tensor], m
     y, x: [b, c, t] (the block's last conv output and its residual stream); acc: [b, c, t] or None;
     mask: [b, 1, t] (non-negative) or None. Returns [b, c, t].
     """
-    b, c, t = _check("hifigan_mrf", x, y, acc, mask=mask)
+    b, c, t = _check("hifigan_mrf", x, y, acc, mask=mask, slope=slope, num_kernels=num_kernels)
     _check_device(x)
     dd, od = _dtypes((y, x), mask)
     od = _promote(od, acc.dtype) if acc is not None else od
@@ -462,7 +480,7 @@ def hifigan_mrf(y: torch.Tensor, x: torch.Tensor, acc: Optional[torch.Tensor], m
 
 @hifigan_mrf.register_fake
 def _(y, x, acc, mask, num_kernels, slope):
-    _check("hifigan_mrf", x, y, acc, mask=mask)
+    _check("hifigan_mrf", x, y, acc, mask=mask, slope=slope, num_kernels=num_kernels)
     od = _dtypes((y, x), mask)[1]
     return x.new_empty(x.shape, dtype=_promote(od, acc.dtype) if acc is not None else od)
 
@@ -475,7 +493,7 @@ def hifigan_mrf_bwd(dout: torch.Tensor, out: torch.Tensor, mask: Optional[torch.
     dout, out: [b, c, t] (gradient and value of the output). Returns
     ``dout * mask * (out > 0 ? 1 : slope) / num_kernels`` [b, c, t] in ``out``'s dtype.
     """
-    b, c, t = _check("hifigan_mrf_bwd", out, dout, mask=mask)
+    b, c, t = _check("hifigan_mrf_bwd", out, dout, mask=mask, slope=slope, num_kernels=num_kernels)
     _check_device(out)
     dout, out = dout.to(out.dtype).contiguous(), out.contiguous()
     d = _empty((b, c, t), out.dtype, out.device)
@@ -488,7 +506,7 @@ def hifigan_mrf_bwd(dout: torch.Tensor, out: torch.Tensor, mask: Optional[torch.
 
 @hifigan_mrf_bwd.register_fake
 def _(dout, out, mask, num_kernels, slope):
-    _check("hifigan_mrf_bwd", out, dout, mask=mask)
+    _check("hifigan_mrf_bwd", out, dout, mask=mask, slope=slope, num_kernels=num_kernels)
     return torch.empty_like(out, memory_format=torch.contiguous_format)
 
 

@@ -355,6 +355,8 @@ def test_bad_inputs_are_rejected(monkeypatch):
         hifigan.hifigan_act(x, torch.ones(2, 3, 5, device=DEVICE), None, 0.1)
     with pytest.raises(ValueError, match="tensors must all be"):
         hifigan.hifigan_res_act(x, x[:, :2], None, 0.1)
+    with pytest.raises(ValueError, match="slope must be >= 0"):
+        hifigan.hifigan_mrf(x, x, None, None, 3, -0.1)
     mask = torch.ones(2, 1, 5, device=DEVICE, requires_grad=True)
     with pytest.raises(ValueError, match="constant"):
         hifigan.hifigan_act(x.requires_grad_(), None, mask, 0.1).sum().backward()
