@@ -14,6 +14,7 @@ Runs on CUDA when present, otherwise on CPU under the Triton interpreter (``TRIT
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import pytest
@@ -73,13 +74,15 @@ def _mask(lengths, t, dtype=torch.float64):
     return (torch.arange(t, device=DEVICE)[None, :] < lengths[:, None]).to(dtype).unsqueeze(1)
 
 
-def _run(m, name, args, gout, grad_names):
+def _run(m, name, args, gout, grad_names, count=True):
     """Forward + backward of ``m(*args)`` on backend ``name``: (output, {gradient name: tensor}, op counts).
 
-    ``args`` are tensors or None; those named in ``grad_names`` (same positions) get gradients."""
+    ``args`` are tensors or None; those named in ``grad_names`` (same positions) get gradients. ``count=False``
+    leaves the dispatch mode out (``torch.compile`` rejects one)."""
     args = [a.detach().requires_grad_(True) if n else a for a, n in zip(args, grad_names)]
     m.zero_grad(set_to_none=True)
-    with OpCounter() as counter:
+    counter = OpCounter()
+    with counter if count else contextlib.nullcontext():
         with backend(name):
             out = m(*args)
         (out * gout.to(out.dtype)).sum().backward()
@@ -364,3 +367,37 @@ def test_bad_inputs_are_rejected(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             hifigan.hifigan_act(torch.randn(1, 2, 3), None, None, 0.1)
+
+
+def test_torch_compile_fullgraph():
+    """Dynamo + AOTAutograd capture the fused Generator in one graph with the custom ops (forward and backward);
+    the graphs run eagerly here (Inductor's C++ build would exceed this file's time budget on a CPU)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"fw": [], "bw": []}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(str(gm.graph))
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch._dynamo.reset()
+    m = _make_gen("2", 3, seed=11).float()
+    x, g = torch.randn(2, 5, 7, device=DEVICE), torch.randn(2, 3, 1, device=DEVICE)
+    mask = _mask(torch.tensor([7, 4], device=DEVICE), 7, torch.float32)
+    gout = torch.randn(2, 1, 42, device=DEVICE)
+    eager, eager_grads, _ = _run(m, "triton", [x, g, mask], gout, ["x", "g", None])
+    compiled = torch.compile(m, fullgraph=True, backend=aot_autograd(fw_compiler=recorder("fw"),
+                                                                      bw_compiler=recorder("bw")))
+    out, grads, _ = _run(compiled, "triton", [x, g, mask], gout, ["x", "g", None], count=False)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    grads = {k.replace("_orig_mod.", ""): v for k, v in grads.items()}
+    for k in eager_grads:
+        torch.testing.assert_close(grads[k], eager_grads[k], rtol=1e-5, atol=1e-6, msg=lambda s: f"d{k}: {s}")
+    assert len(graphs["fw"]) == 1, f"{len(graphs['fw'])} forward graphs: graph break or recompilation"
+    for op in ("hifigan_act", "hifigan_res_act", "hifigan_mrf"):
+        assert f"vits_fast.{op}" in graphs["fw"][0], f"{op} missing from the forward graph"
+    for op in ("hifigan_act_bwd", "hifigan_mrf_bwd"):
+        assert f"vits_fast.{op}" in "\n".join(graphs["bw"]), f"{op} missing from the backward graph"
