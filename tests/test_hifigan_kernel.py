@@ -8,6 +8,13 @@ Runs on CUDA when present, otherwise on CPU under the Triton interpreter (``TRIT
 * The reference is a float64 copy of the same module on the ``reference`` backend; the tolerance rule is
   ``tests/_numerics.py``: fp32 per tensor, bf16/fp16 pooled over the output and the gradients of the input,
   the conditioning and every parameter (``weight_g``, ``weight_v``, ``bias`` of every conv).
+* bf16 gradients through a whole Generator (~40 leaky-ReLU kinks) are heavy-tailed in both paths: a
+  pre-activation within rounding of 0 may take the other branch, which changes the gradient locally (eight
+  seeds of ``rb1-nomask-bf16`` drawn with ``tests._util.randomised``: dx relative error 0.6-22 % fused,
+  0.5-14 % PyTorch's bf16; on one seed ours was 9x PyTorch's, on another both were ~14 %, error confined to
+  a few neighbouring frames of one item; fp16 and fp32 on the same seeds agree normally). The Generator
+  cases therefore keep fixed seeds; the low-precision kernels are pinned exactly by
+  ``test_low_precision_outputs_are_rounded_once`` (one rounding of the fp32 result).
 * The shape grid is named: a Piper-sized last stage (32 channels), odd sizes, and ``C * T`` just below, at and
   just above multiples of the kernels' ``BLOCK`` (1024 elements per batch item), with ragged masks.
 """
@@ -22,6 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests._numerics import assert_matches_reference, check_low_precision
+from tests._util import one_thread  # noqa: F401 (fixture)
 
 import vits_fast
 from vits_fast.backend import backend
@@ -34,6 +42,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 LOW = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _poisoned_empty(shape, dtype, device):
@@ -63,6 +72,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def _randomise(m, seed):
+    """Seeded float64 draws for every parameter (``tests._util.randomised`` draws fp32: other values)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
