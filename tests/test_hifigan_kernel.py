@@ -254,6 +254,26 @@ def test_float64_is_exact():
             torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-10, atol=1e-12, msg=lambda s: f"d{k}: {s}")
 
 
+def test_autocast_mixed_dtypes():
+    """Under autocast the convs give bf16 while the mask stays fp32: masked results promote to fp32 on both paths."""
+    m64 = _make_gen("2", 3, seed=12)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, device=DEVICE)
+    g = torch.randn(2, 3, 1, dtype=torch.float64, device=DEVICE)
+    mask = _mask(torch.tensor([8, 5], device=DEVICE), 8)
+    gout = torch.randn(2, 1, 48, dtype=torch.float64, device=DEVICE)
+    names = ["x", "g", None]
+    ref, ref_grads, _ = _run(m64, "reference", [x, g, mask], gout, names)
+    clone = _cloner(lambda: Generator(**_gen_kwargs("2", 3)))
+    args32 = [x.float(), g.float(), mask.float()]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, grads, counts = _run(clone(m64, torch.float32), "triton", args32, gout, names)
+        same, same_grads, _ = _run(clone(m64, torch.float32), "reference", args32, gout, names)
+    assert counts == _expected_gen_ops(m64, True), counts
+    assert out.dtype == same.dtype
+    check_low_precision({"output": out, **grads}, {"output": ref, **ref_grads}, {"output": same, **same_grads},
+                        torch.bfloat16, unpooled=("weight_g",))
+
+
 def test_masked_padding_decodes_like_alone():
     """With a mask each item of a padded batch decodes as it would alone, on the fused path too."""
     m = _make_gen("2", 0, seed=8).float()
