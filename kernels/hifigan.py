@@ -418,7 +418,7 @@ def _constant_mask(ctx, mask_index: int, name: str) -> None:
 
 def _act_setup(ctx, inputs, output):
     x, bias, mask, slope = inputs
-    ctx.slope, ctx.x_dtype = slope, _promote(x.dtype, *((bias.dtype,) if bias is not None else ()))
+    ctx.slope, ctx.x_dtypes = slope, (x.dtype, _promote(x.dtype, *((bias.dtype,) if bias is not None else ())))
     ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
     ctx.save_for_backward(output, mask)
 
@@ -426,9 +426,10 @@ def _act_setup(ctx, inputs, output):
 def _act_backward(ctx, dxt):
     _constant_mask(ctx, 2, "hifigan_act")
     xt, mask = ctx.saved_tensors
-    d = hifigan_act_bwd(dxt, xt, None, mask, ctx.slope, ctx.x_dtype)
+    x_dt, z_dt = ctx.x_dtypes  # z = x + bias
+    d = hifigan_act_bwd(dxt, xt, None, mask, ctx.slope, z_dt)
     dbias = _sum_to(d, ctx.bias_meta[0]).to(ctx.bias_meta[1]) if ctx.bias_meta is not None else None
-    return d, dbias, None, None
+    return d.to(x_dt), dbias, None, None
 
 
 hifigan_act.register_autograd(_act_backward, setup_context=_act_setup)
