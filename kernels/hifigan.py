@@ -54,7 +54,8 @@ conditioning gradient is one ``sum`` over time, and the final ``tanh(conv_post(.
 
 Elementwise launches (counted with a ``TorchDispatchMode`` on the CPU: every dispatched op except views,
 allocations, convolutions and weight norm, whose 44 (medium) / 154 (high) forward calls are the same on both
-sides; a fused op is one launch), forward / backward, with a mask / without:
+sides; a fused op is one launch; ``scripts/count_decoder_launches.py`` prints this table), forward / backward,
+with a mask / without:
 
 =====================================  =============  =============  =============  =============
 module                                 eager, mask    eager, none    fused, mask    fused, none
