@@ -41,7 +41,8 @@ without a mask). Activation backward reads the activation's *output* ``xt`` (its
 pre-activation's wherever ``m > 0``, and where ``m = 0`` the gradient is 0 either way), not its input: ``xt`` is
 kept anyway as the next convolution's saved input, so the pre-activation is never kept for backward (eager
 keeps it): one ``[b, c, t]`` tensor less per activation. This needs a non-negative mask (sequence masks are
-0/1) and a non-negative slope.
+0/1) and a non-negative slope. (In fp16 a pre-activation in (0, 6e-8) stores as 0 and takes the slope branch:
+the same as a branch decided on an fp16-rounded input, as the reference's fp16 path does.)
 
 Launches
 --------
