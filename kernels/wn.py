@@ -365,7 +365,7 @@ def _check_device(t: torch.Tensor) -> None:
     from vits_fast.backend import interpreter_enabled
 
     if not interpreter_enabled():
-        raise RuntimeError(f"vits_fast WN kernels need CUDA tensors (got {t.device}); on CPU they run only "
+        raise RuntimeError(f"vits_fast Triton kernels need CUDA tensors (got {t.device}); on CPU they run only "
                            "under TRITON_INTERPRET=1")
 
 

@@ -294,6 +294,10 @@ class Generator(nn.Module):
         """
         if x_mask is not None and on_host(x_mask) and not torch.compiler.is_compiling() and bool(x_mask.all()):
             x_mask = None
+        if use_triton(x, module=self):
+            from .kernels import hifigan as _hifigan
+
+            return _hifigan.generator_forward(self, x, g, x_mask)
         x = self.conv_pre(x if x_mask is None else x * x_mask)
         if g is not None:
             x = x + self.cond(g)

@@ -1,8 +1,8 @@
 """Building blocks of VITS (Piper's ``modules``): normalisation, WaveNet, HiFi-GAN residual blocks and flows.
 
-These are the reference implementations. ``WN``, ``ResidualCouplingLayer`` and ``ConvFlow`` hand their work to
-the fused Triton kernels in ``vits_fast.kernels`` when the backend switch (:mod:`vits_fast.backend`) says so;
-the convolutions always stay in PyTorch.
+These are the reference implementations. ``WN``, ``ResBlock1``/``ResBlock2``, ``ResidualCouplingLayer`` and
+``ConvFlow`` hand their work to the fused Triton kernels in ``vits_fast.kernels`` when the backend switch
+(:mod:`vits_fast.backend`) says so; the convolutions always stay in PyTorch.
 """
 
 from __future__ import annotations
@@ -184,6 +184,10 @@ class ResBlock1(nn.Module):
         self.convs2.apply(init_weights)
 
     def forward(self, x: torch.Tensor, x_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if use_triton(x, module=self):
+            from .kernels import hifigan as _hifigan
+
+            return _hifigan.resblock_forward(self, x, x_mask)
         for c1, c2 in zip(self.convs1, self.convs2):
             xt = F.leaky_relu(x, self.LRELU_SLOPE)
             if x_mask is not None:
@@ -209,6 +213,10 @@ class ResBlock2(nn.Module):
         self.convs.apply(init_weights)
 
     def forward(self, x: torch.Tensor, x_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if use_triton(x, module=self):
+            from .kernels import hifigan as _hifigan
+
+            return _hifigan.resblock_forward(self, x, x_mask)
         for c in self.convs:
             xt = F.leaky_relu(x, self.LRELU_SLOPE)
             if x_mask is not None:

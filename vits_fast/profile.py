@@ -461,6 +461,11 @@ FUSED_OUTPUTS: Dict[str, Tuple[Tuple[int, float], ...]] = {
     "rq_spline_coupling": ((0, 1.0),),
     "rq_spline_coupling_backward": ((2, 1.0), (3, 1.0)),  # grad_x, grad_h
     "maximum_path": ((0, 1.0),),                 # path [b, t_y, t_x] (+ durations, negligible)
+    "hifigan_act": ((0, 1.0),),                  # xt [b, c, t] from x
+    "hifigan_res_act": ((0, 2.0),),              # s, xt [b, c, t] from y
+    "hifigan_act_bwd": ((1, 1.0),),              # d [b, c, t] from xt
+    "hifigan_mrf": ((0, 1.0),),                  # MRF sum or next activation [b, c, t] from y
+    "hifigan_mrf_bwd": ((1, 1.0),),              # d [b, c, t] from out
 }
 
 #: Bytes per element of the dtype names ``torch.profiler`` records (``FunctionEvent.input_dtypes``), lower-cased.
