@@ -13,7 +13,8 @@
 #             happens, so a phase stopped at its limit still says what failed    -> tests.log, failures.txt
 #   profile   python -m vits_fast.profile for every kernel, train-step and infer (medium), with achieved
 #             bandwidth against the measured copy bandwidth                       -> profile.log, traces/*.json.gz
-#   bench_*   the benchmark suite, one JSON per part                              -> bench_*.json, bench_*.log
+#   bench_*   the benchmark suite, one JSON per part (bench_upstream: synthesis against upstream Piper's own
+#             model and onnxruntime)                                             -> bench_*.json, bench_*.log
 #   report    benchmarks/report.py over all JSON                                  -> report.md (+ speedup.png)
 # A summary (phase times and exit codes, calibration, failures, the report's summary table) is printed last.
 #
@@ -24,7 +25,7 @@
 #   calibration.json, failures.txt, phases.tsv, suite.tgz (every log and JSON) and traces.tgz; the working files
 #   go to a temporary folder. The device call is:  bash benchmarks/gpu_suite.sh --bundle "$OUT"  with carry [".whl"]
 #
-# Time: the limits below add up to 410 s, plus at most 10 s per interrupted phase and ~20 s of the script's own,
+# Time: the limits below add up to 440 s, plus at most 10 s per interrupted phase and ~20 s of the script's own,
 # so a 15-minute device lease (start-up included) leaves room for a second, shorter call. Selection: the whole
 # Piper-sized suite with every torch.compile baseline takes far longer (inductor compiles each module for tens of
 # seconds), so by default: kernels and the alignment search without compiled entries; the training step for medium
@@ -62,6 +63,7 @@ if [ $DRY = 1 ]; then
   # Tiny shapes and budgets on a CPU; the selections name the CPU smoke entries of each benchmark file.
   : "${SKIP_INSTALL:=1}" "${T_TESTS:=120}" "${T_PROFILE:=120}" "${T_BENCH_KERNELS:=60}" "${T_BENCH_MAS:=30}"
   : "${T_BENCH_TRAIN:=120}" "${T_BENCH_INFER:=60}" "${T_BENCH_COMPILED:=30}" "${T_CALIBRATE:=30}"
+  : "${T_BENCH_UPSTREAM:=60}"
   : "${VITS_FAST_BENCH_BUDGET_S:=0.01}" "${TEST_SELECTION:=tests/test_backend.py}"
   : "${K_KERNELS:=wn and x-low and fwd}" "${K_MAS:=B2-tx32}" "${K_TRAIN:=tiny}"
   : "${K_INFER:=tiny and (b1 or ttfa)}" "${K_COMPILED:=compiled and tiny}"
@@ -78,6 +80,7 @@ T_BENCH_MAS=${T_BENCH_MAS:-20}
 T_BENCH_TRAIN=${T_BENCH_TRAIN:-55}
 T_BENCH_INFER=${T_BENCH_INFER:-30}
 T_BENCH_COMPILED=${T_BENCH_COMPILED:-50}
+T_BENCH_UPSTREAM=${T_BENCH_UPSTREAM:-30}
 # Seconds of timed rounds per benchmark entry (at least 3 rounds; do_bench timing comes on top).
 export VITS_FAST_BENCH_BUDGET_S=${VITS_FAST_BENCH_BUDGET_S:-0.2}
 TEST_SELECTION=${TEST_SELECTION:-tests}
@@ -207,6 +210,7 @@ bench bench_kernels "$T_BENCH_KERNELS" benchmarks/test_bench_kernels.py "$K_KERN
 bench bench_mas "$T_BENCH_MAS" benchmarks/test_bench_mas.py "$K_MAS"
 bench bench_train "$T_BENCH_TRAIN" benchmarks/test_bench_train.py "$K_TRAIN"
 bench bench_infer "$T_BENCH_INFER" benchmarks/test_bench_infer.py "$K_INFER"
+bench bench_upstream "$T_BENCH_UPSTREAM" benchmarks/test_bench_upstream.py ""
 bench bench_compiled "$T_BENCH_COMPILED" \
   "benchmarks/test_bench_kernels.py benchmarks/test_bench_train.py benchmarks/test_bench_infer.py" \
   "$K_COMPILED" VITS_FAST_BENCH_COMPILE="$([ $DRY = 1 ] && echo none || echo medium)"
