@@ -49,8 +49,8 @@ def refuse_overwrite(outputs: Iterable[PathLike], inputs: Iterable[Optional[Path
     for out in outputs:
         for src in sources:
             if same_file(out, src):
-                raise OverwriteError(f"refusing to write {out}: it is the input {src}, which would be lost; "
-                                     f"choose another output")
+                raise OverwriteError(f"refusing to overwrite the input {src} with the output {out}; choose "
+                                     f"another output")
 
 
 def check_number(name: str, value: float, *, low: Optional[float] = None, high: Optional[float] = None,

@@ -431,6 +431,19 @@ def _check_lengths(name: str, lengths: torch.Tensor, batch: int, max_len: int, d
         raise ValueError(f"{name} has a length {int(lengths.max())} larger than the {dim_name} ({max_len})")
 
 
+def _bounded_frames(frames: torch.Tensor, max_frames: int) -> int:
+    """The longest of ``frames`` [b] (predicted frame counts) as an int, or ValueError when it is not finite or
+    exceeds ``max_frames``."""
+    longest = float(frames.max())
+    if not math.isfinite(longest):
+        raise ValueError("the predicted durations are not finite (NaN/inf): the scales or the model's weights "
+                         "overflow")
+    if longest > max_frames:
+        raise ValueError(f"the utterance would be {int(longest)} frames long, more than the limit of {max_frames} "
+                         f"(lower length_scale or split the text)")
+    return max(1, int(longest))
+
+
 class SynthesizerTrn(nn.Module):
     """VITS synthesizer for training and inference (Piper-compatible drop-in)."""
 
@@ -563,22 +576,27 @@ class SynthesizerTrn(nn.Module):
 
     def infer(self, x: torch.Tensor, x_lengths: torch.Tensor, sid: Optional[torch.Tensor] = None,
               noise_scale: float = 0.667, length_scale: float = 1, noise_scale_w: float = 0.8,
-              max_len: Optional[int] = None):
+              max_len: Optional[int] = None, max_frames: Optional[int] = None):
         """Synthesis: x [b, t_x] ids, x_lengths [b] -> (audio [b, 1, samples], attn [b, 1, t_y, t_x],
         y_mask [b, 1, t_y], (z, z_p, m_p, logs_p)).
 
         Each item of a padded batch decodes as it would alone (the decoder is masked), and its audio past
         ``y_mask.sum() * hop`` samples is silence. For a batch of one this is upstream's result exactly; upstream
-        lets the padding of shorter items leak into their last samples."""
+        lets the padding of shorter items leak into their last samples. ``max_frames``: see :meth:`infer_latent`."""
         z, y_mask, g, attn, (z_p, m_p, logs_p) = self.infer_latent(x, x_lengths, sid, noise_scale, length_scale,
-                                                                   noise_scale_w)
+                                                                   noise_scale_w, max_frames=max_frames)
         with stage("decoder"):
             o = self.dec((z * y_mask)[:, :, :max_len], g=g, x_mask=y_mask[:, :, :max_len])
         return o, attn, y_mask, (z, z_p, m_p, logs_p)
 
     def infer_latent(self, x: torch.Tensor, x_lengths: torch.Tensor, sid: Optional[torch.Tensor] = None,
-                     noise_scale: float = 0.667, length_scale: float = 1, noise_scale_w: float = 0.8):
+                     noise_scale: float = 0.667, length_scale: float = 1, noise_scale_w: float = 0.8,
+                     max_frames: Optional[int] = None):
         """The text side of :meth:`infer` (encoder, durations, flow), drawing the same random numbers.
+
+        ``max_frames`` (None: no limit, upstream's behaviour) bounds the predicted length before the
+        [b, 1, t_y, t_x] alignment is allocated: a longer or non-finite prediction raises ValueError. It reads
+        the length the mask reads anyway (one host read either way); not for tracing/export.
 
         Returns (z [b, c, t_y], y_mask [b, 1, t_y], g [b, gin, 1] or None, attn [b, 1, t_y, t_x],
         (z_p, m_p, logs_p)); ``self.dec(z * y_mask, g=g, x_mask=y_mask)`` is then ``infer``'s audio.
@@ -595,8 +613,10 @@ class SynthesizerTrn(nn.Module):
                 logw = self.dp(x, x_mask, g=g)
             w = torch.exp(logw) * x_mask * length_scale
             w_ceil = torch.ceil(w)
-            y_lengths = torch.clamp_min(torch.sum(w_ceil, [1, 2]), 1).long()
-            y_mask = torch.unsqueeze(commons.sequence_mask(y_lengths, y_lengths.max()), 1).type_as(x_mask)
+            frames = torch.sum(w_ceil, [1, 2])
+            y_lengths = torch.clamp_min(frames, 1).long()
+            t_y = y_lengths.max() if max_frames is None else _bounded_frames(frames, max_frames)
+            y_mask = torch.unsqueeze(commons.sequence_mask(y_lengths, t_y), 1).type_as(x_mask)
             attn_mask = torch.unsqueeze(x_mask, 2) * torch.unsqueeze(y_mask, -1)
             attn = commons.generate_path(w_ceil, attn_mask)
 
