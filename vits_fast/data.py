@@ -234,6 +234,8 @@ def _info_from_config(root: Path, kind: str, config: Dict[str, Any]) -> DatasetI
         try:
             info.sample_rate = config.get("audio", {}).get("sample_rate")
             info.num_symbols = config.get("num_symbols")
+            if info.num_symbols is not None and not _is_int(info.num_symbols):
+                raise ValueError(f"num_symbols {info.num_symbols!r} is not an integer")
             info.phoneme_id_map = config_phoneme_id_map(config)
             info.speaker_id_map = config_speaker_id_map(config)
             info.num_speakers = int(config.get("num_speakers") or max(1, len(info.speaker_id_map)))
