@@ -33,6 +33,7 @@ checkpoint are bounded (:func:`check_model_config`) before any model is built.
 from __future__ import annotations
 
 import _codecs
+import _compat_pickle
 import collections
 import copyreg
 import hashlib
@@ -306,6 +307,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         cls = type(self)
         if cls._allowed is None:
             cls._allowed = _allowed_globals()
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))  # Python 2 names (xrange)
         obj = cls._allowed.get((module, name))
         if obj is not None:
             kind = _guard_kind(obj)

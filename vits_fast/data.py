@@ -197,16 +197,16 @@ def _read_config(folder: Path) -> Dict[str, Any]:
     return config
 
 
-def _read_lines(path: Path) -> Tuple[List[Tuple[int, str]], List[BadItem]]:
-    """(line number, text) of the non-blank lines of a UTF-8 file, and a bad item (named by its first ``|``
-    field, else its line number) for each line that is not UTF-8 text."""
+def _read_lines(path: Path, csv_ids: bool = False) -> Tuple[List[Tuple[int, str]], List[BadItem]]:
+    """(line number, text) of the non-blank lines of a UTF-8 file, and a bad item for each line that is not
+    UTF-8 text, named by its line number (or with ``csv_ids`` its first ``|`` field, the utterance id)."""
     lines: List[Tuple[int, str]] = []
     bad: List[BadItem] = []
     for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
             text = decode_line(raw, n, str(path))
         except TextLineError as exc:
-            name = raw.split(b"|", 1)[0].decode("utf-8", "replace").strip()
+            name = raw.split(b"|", 1)[0].decode("utf-8", "replace").strip() if csv_ids else ""
             bad.append(BadItem(name if 0 < len(name) <= 100 else f"line {n}", str(path), str(exc)))
             continue
         text = text.lstrip("\ufeff") if n == 1 else text  # a byte-order mark is not part of the first id
@@ -265,7 +265,7 @@ def read_ljspeech(folder: Path, single_speaker: bool = False) -> Tuple[List[Item
     """
     metadata = folder / "metadata.csv"
     info = _info_from_config(folder, "ljspeech", _read_config(folder))
-    lines, bad = _read_lines(metadata)
+    lines, bad = _read_lines(metadata, csv_ids=True)
     rows = [(n, line.split("|")) for n, line in lines]
     has_ids = bool(rows) and all(len(r) >= 3 for _, r in rows) and all(_IDS_RE.match(r[-1]) for _, r in rows)
     counts = collections.Counter(len(r) - has_ids for _, r in rows)

@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm start from a Piper/vits_fast .ckpt (weights only; architecture from the file)")
     m.add_argument("--resume", default=None, help="continue a run: a .ckpt path, or 'auto' for OUTPUT's last.ckpt")
     m.add_argument("--overwrite", action="store_true",
-                   help="start a fresh run in an --output-dir that holds another run's checkpoints (its last.ckpt "
-                        "and config.json are replaced; its other checkpoints are kept)")
+                   help="start a fresh run in an --output-dir that holds another run's checkpoints (files of the "
+                        "same name, such as last.ckpt and config.json, are replaced; its other checkpoints are kept)")
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=number(int, low=1), default=None, help="per process (default: 8 tiny, 32 otherwise)")
     t.add_argument("--max-steps", type=number(int, low=0), default=None, help="default: 150 on the demo corpus, unlimited otherwise")
@@ -829,7 +829,7 @@ class Trainer:
                         msg = (f"step {self.global_step}: loss_mel {losses['loss_mel']:.3f}, validation mel "
                                f"{val.get('val_loss_mel', float('nan')):.3f}")
                         bar.write(msg) if not bar.disable else _LOGGER.info("%s", msg)
-                    if self.global_step % ckpt_every == 0:
+                    if self.global_step % ckpt_every == 0 and self.nonfinite_streak == 0:  # no copies mid-divergence
                         self.save()
                         last_saved = self.global_step
                     if done() or self.epoch != epoch_at_start:
