@@ -428,10 +428,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _load_tensor_file(path: Path) -> torch.Tensor:
-    """A cached ``.npy`` or Piper ``.pt`` tensor (``allow_pickle=False`` / ``weights_only``: never runs code)."""
+    """A cached ``.npy`` or Piper ``.pt`` tensor (``allow_pickle=False`` / the bounded restricted checkpoint
+    reader: never runs code, never allocates beyond what the file holds)."""
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path, allow_pickle=False))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from .checkpoint import load_checkpoint
+
+    tensor = load_checkpoint(path)
+    if not isinstance(tensor, torch.Tensor):
+        raise DataError(f"{path} holds a {type(tensor).__name__}, not a tensor")
+    return tensor
 
 
 @dataclass
