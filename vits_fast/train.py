@@ -278,7 +278,8 @@ class Trainer:
             raise OverwriteError(
                 f"{self.ckpt_dir} already holds the checkpoints of another run ({shown}); nothing was written. "
                 f"Continue that run with --resume auto (or --resume PATH), start afresh there with --overwrite "
-                f"(its last.ckpt is replaced, its other checkpoints are kept), or choose another --output-dir")
+                f"(files of the same name, such as last.ckpt, are replaced; its other checkpoints are kept), or "
+                f"choose another --output-dir")
         if args.init_from is not None and same_file(Path(args.init_from).parent, self.ckpt_dir):
             raise OverwriteError(f"--init-from {args.init_from} is inside this run's checkpoint folder, where the run "
                                  f"writes its own checkpoints; copy it elsewhere or choose another --output-dir")
