@@ -431,19 +431,6 @@ def _check_lengths(name: str, lengths: torch.Tensor, batch: int, max_len: int, d
         raise ValueError(f"{name} has a length {int(lengths.max())} larger than the {dim_name} ({max_len})")
 
 
-def _bounded_frames(frames: torch.Tensor, max_frames: int) -> int:
-    """The longest of ``frames`` [b] (predicted frame counts) as an int, or ValueError when it is not finite or
-    exceeds ``max_frames``."""
-    longest = float(frames.max())
-    if not math.isfinite(longest):
-        raise ValueError("the predicted durations are not finite (NaN/inf): the scales or the model's weights "
-                         "overflow")
-    if longest > max_frames:
-        raise ValueError(f"the utterance would be {int(longest)} frames long, more than the limit of {max_frames} "
-                         f"(lower length_scale or split the text)")
-    return max(1, int(longest))
-
-
 class SynthesizerTrn(nn.Module):
     """VITS synthesizer for training and inference (Piper-compatible drop-in)."""
 
@@ -594,9 +581,9 @@ class SynthesizerTrn(nn.Module):
                      max_frames: Optional[int] = None):
         """The text side of :meth:`infer` (encoder, durations, flow), drawing the same random numbers.
 
-        ``max_frames`` (None: no limit, upstream's behaviour) bounds the predicted length before the
-        [b, 1, t_y, t_x] alignment is allocated: a longer or non-finite prediction raises ValueError. It reads
-        the length the mask reads anyway (one host read either way); not for tracing/export.
+        ``max_frames`` (None: no limit, upstream's behaviour) bounds the predicted length before the mask and the
+        [b, 1, t_y, t_x] alignment are allocated: a longer or non-finite prediction raises ValueError. No host
+        read is added (the check uses the mask's shape); not for tracing/export.
 
         Returns (z [b, c, t_y], y_mask [b, 1, t_y], g [b, gin, 1] or None, attn [b, 1, t_y, t_x],
         (z_p, m_p, logs_p)); ``self.dec(z * y_mask, g=g, x_mask=y_mask)`` is then ``infer``'s audio.
@@ -614,9 +601,13 @@ class SynthesizerTrn(nn.Module):
             w = torch.exp(logw) * x_mask * length_scale
             w_ceil = torch.ceil(w)
             frames = torch.sum(w_ceil, [1, 2])
+            if max_frames is not None:  # too long or NaN/inf -> max_frames + 1 (refused below): bounded mask
+                frames = torch.where(torch.isfinite(frames), frames, max_frames + 1.0).clamp(max=max_frames + 1)
             y_lengths = torch.clamp_min(frames, 1).long()
-            t_y = y_lengths.max() if max_frames is None else _bounded_frames(frames, max_frames)
-            y_mask = torch.unsqueeze(commons.sequence_mask(y_lengths, t_y), 1).type_as(x_mask)
+            y_mask = torch.unsqueeze(commons.sequence_mask(y_lengths, y_lengths.max()), 1).type_as(x_mask)
+            if max_frames is not None and y_mask.size(2) > max_frames:
+                raise ValueError(f"the predicted length exceeds the limit of {max_frames} frames or is not finite "
+                                 f"(lower length_scale or split the text)")
             attn_mask = torch.unsqueeze(x_mask, 2) * torch.unsqueeze(y_mask, -1)
             attn = commons.generate_path(w_ceil, attn_mask)
 

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=number(int, low=1), default=None, help="per process (default: 8 tiny, 32 otherwise)")
     t.add_argument("--max-steps", type=number(int, low=0), default=None, help="default: 150 on the demo corpus, unlimited otherwise")
     t.add_argument("--max-epochs", type=number(int, low=0), default=None)
-    t.add_argument("--learning-rate", type=number(float, low=0, low_inclusive=False), default=2e-4)
+    t.add_argument("--learning-rate", type=number(float, low=0, high=10, low_inclusive=False), default=2e-4)
     t.add_argument("--lr-decay", type=number(float, low=0, high=1, low_inclusive=False), default=0.999875,
                    help="ExponentialLR gamma, stepped per epoch")
     t.add_argument("--grad-clip", type=number(float, low=0, low_inclusive=False), default=None,
@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
                    help="a NaN/inf loss skips that update (logged) or stops training")
     t.add_argument("--max-nonfinite", type=number(int, low=1), default=25,
-                   help="stop after this many consecutive steps with a non-finite loss (the checkpoints written "
-                        "before are kept; none is written after)")
+                   help="stop after this many consecutive steps with a non-finite loss (skipped updates leave "
+                        "the weights as they were; NaN/inf weights are never saved)")
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     t.add_argument("--find-unused-parameters", choices=("auto", "yes", "no"), default="auto",
@@ -263,7 +263,7 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.log = _JsonlLog(self.out / "train_log.jsonl" if self.is_main else None)
         self.history: List[Dict[str, Any]] = []
-        self.nonfinite_streak = 0  # consecutive steps with a non-finite loss (counted in fit's loop)
+        self.nonfinite_skipped = 0
         self.written: List[Path] = []  # step checkpoints this run wrote, oldest first (the only ones rotated)
 
     def _check_outputs(self) -> None:
@@ -640,6 +640,7 @@ class Trainer:
             self.scaler.step(self.optim_g)
             self.scaler.step(self.optim_d)
             self.scaler.update()
+            self.nonfinite_skipped = 0
         else:
             if self.scaler.is_enabled():  # fp16: treat it as an overflow (back the scale off, clear its state)
                 self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
@@ -656,23 +657,11 @@ class Trainer:
                                                                 for k, v in losses.items()}})
         if self.args.on_nonfinite == "stop":
             raise NonFiniteLossError(message + " (--on-nonfinite stop; the last checkpoint is untouched)")
+        self.nonfinite_skipped += 1
         if self.is_main:
-            _LOGGER.warning("%s: update skipped (--on-nonfinite skip)", message)
-
-    def _count_nonfinite(self, losses: Dict[str, float]) -> None:
-        """Count consecutive steps whose losses (host values the step already returned: no extra host read)
-        are not finite; at ``--max-nonfinite`` the run stops before writing anything more."""
-        if all(math.isfinite(v) for v in losses.values()):
-            self.nonfinite_streak = 0
-            return
-        self.nonfinite_streak += 1
-        if self.nonfinite_streak >= self.args.max_nonfinite:
-            last = self.written[-1] if self.written else None
-            raise NonFiniteLossError(
-                f"{self.nonfinite_streak} consecutive steps with a non-finite loss (steps "
-                f"{self.global_step - self.nonfinite_streak + 1}-{self.global_step}): training diverged and was "
-                f"stopped (--max-nonfinite {self.args.max_nonfinite}); nothing was saved after it, the last "
-                f"checkpoint is {last or 'none (none was written yet)'}")
+            _LOGGER.warning("%s: update skipped (--on-nonfinite skip, %d in a row)", message, self.nonfinite_skipped)
+        if self.nonfinite_skipped >= self.args.max_nonfinite:
+            raise NonFiniteLossError(f"{self.nonfinite_skipped} consecutive non-finite steps (last: {message})")
 
     # -- validation and checkpoints ----------------------------------------------------------------------
     @torch.no_grad()
@@ -795,7 +784,6 @@ class Trainer:
                     batch = batch.to(self.device, non_blocking=self.pin_memory)
                     losses = self.train_step(batch)
                     self.global_step += 1
-                    self._count_nonfinite(losses)
                     self.batch_in_epoch += 1
                     window_samples += len(batch) * self.world
                     window_steps += 1
@@ -830,7 +818,7 @@ class Trainer:
                         msg = (f"step {self.global_step}: loss_mel {losses['loss_mel']:.3f}, validation mel "
                                f"{val.get('val_loss_mel', float('nan')):.3f}")
                         bar.write(msg) if not bar.disable else _LOGGER.info("%s", msg)
-                    if self.global_step % ckpt_every == 0 and self.nonfinite_streak == 0:  # no copies mid-divergence
+                    if self.global_step % ckpt_every == 0:
                         self.save()
                         last_saved = self.global_step
                     if done() or self.epoch != epoch_at_start:
