@@ -452,20 +452,29 @@ class _PrepResult:
     num_samples: int = 0
 
 
-def _cached_result(index: int, spec_file: Path, audio_file: Path, audio: AudioConfig) -> _PrepResult:
-    """Check an existing cached pair (Piper's tensors or our cache): the spectrogram's shape, and that both
-    hold finite values (read in full, once, before training)."""
-    spec, wav = _load_tensor_file(spec_file), _load_tensor_file(audio_file)
+def _array(path: Path) -> np.ndarray:
+    """A cached tensor as an array: ``.npy`` memory-mapped (read only where used), Piper's ``.pt`` loaded."""
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    return _load_tensor_file(path).float().numpy()
+
+
+def _cached_result(index: int, spec_file: Path, audio_file: Path, audio: AudioConfig,
+                   check_values: bool) -> _PrepResult:
+    """Check an existing cached pair: the spectrogram's shape and, with ``check_values`` (Piper's tensors, which
+    this package did not write), that both hold only finite values (read in full once, before training). Our
+    own cache is written from audio already checked to be finite, so only its shape is read."""
+    spec, wav = _array(spec_file), _array(audio_file)
     where = str(spec_file)
-    if spec.dim() != 2 or spec.size(0) != audio.spec_channels:
+    if spec.ndim != 2 or spec.shape[0] != audio.spec_channels:
         return _PrepResult(index, False, f"cached spectrogram has shape {tuple(spec.shape)}, expected "
                                          f"[{audio.spec_channels}, frames] (filter_length {audio.filter_length})",
                            where)
-    for name, t, path in (("spectrogram", spec, spec_file), ("audio", wav, audio_file)):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    for name, values, path in (("spectrogram", spec, spec_file), ("audio", wav, audio_file)):
+        if check_values and not np.isfinite(values).all():
             return _PrepResult(index, False, f"cached {name} {path} contains NaN or infinite values", where)
     return _PrepResult(index, True, path=where, audio_cache=str(audio_file), spec_cache=str(spec_file),
-                       num_frames=int(spec.size(-1)), num_samples=int(wav.size(-1)))
+                       num_frames=int(spec.shape[-1]), num_samples=int(wav.shape[-1]))
 
 
 def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path) -> _PrepResult:
@@ -477,7 +486,7 @@ def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path) ->
         # Piper-preprocessed items: use its cached tensors when both exist.
         if item.spec_cache is not None and item.audio_cache is not None and item.spec_cache.is_file() \
                 and item.audio_cache.is_file():
-            return _cached_result(index, item.spec_cache, item.audio_cache, audio)
+            return _cached_result(index, item.spec_cache, item.audio_cache, audio, check_values=True)
         if item.audio_path is None or not item.audio_path.is_file():
             missing = item.audio_path or item.spec_cache
             return _PrepResult(index, False, "audio file not found", str(missing))
@@ -485,7 +494,7 @@ def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path) ->
         audio_file = cache_dir / key[:2] / f"{key}.audio.npy"
         spec_file = cache_dir / key[:2] / f"{key}.spec.npy"
         if audio_file.is_file() and spec_file.is_file():
-            return _cached_result(index, spec_file, audio_file, audio)
+            return _cached_result(index, spec_file, audio_file, audio, check_values=False)
         wav = load_audio(item.audio_path, audio.sample_rate)
         if wav.size == 0:
             return _PrepResult(index, False, "audio file has no samples", where)
