@@ -700,9 +700,16 @@ class Trainer:
             x = torch.as_tensor(it.phoneme_ids, dtype=torch.long, device=self.device).unsqueeze(0)
             x_len = torch.tensor([x.size(1)], device=self.device)
             sid = torch.tensor([int(it.speaker_id or 0)], device=self.device) if self.num_speakers > 1 else None
-            wav = self.model_g.infer(x, x_len, sid=sid, noise_scale=DEFAULT_NOISE_SCALE,
-                                     length_scale=DEFAULT_LENGTH_SCALE, noise_scale_w=DEFAULT_NOISE_SCALE_W,
-                                     max_len=max_frames)[0].float().reshape(-1).cpu()
+            try:  # a young or diverging model can predict absurd durations: bounded before allocation
+                wav = self.model_g.infer(x, x_len, sid=sid, noise_scale=DEFAULT_NOISE_SCALE,
+                                         length_scale=DEFAULT_LENGTH_SCALE, noise_scale_w=DEFAULT_NOISE_SCALE_W,
+                                         max_len=max_frames, max_frames=10 * max_frames)[0].float().reshape(-1).cpu()
+            except ValueError as exc:
+                _LOGGER.warning("sample %s not written: %s", it.id, exc)
+                continue
+            if not bool(torch.isfinite(wav).all()):
+                _LOGGER.warning("sample %s not written: its audio holds NaN/inf values", it.id)
+                continue
             wav = wav / max(0.01, float(wav.abs().max()))
             path = folder / f"{it.id}.wav"
             sf.write(str(path), wav.numpy(), self.audio.sample_rate, subtype="PCM_16")
