@@ -201,7 +201,8 @@ class _Call:
         return self.fn, self.args
 
 
-def test_sizes_from_flags_and_files_are_bounded(corpus, cache_dir, voices, tmp_path, capsys):
+def test_sizes_from_flags_and_files_are_bounded(corpus, cache_dir, voices, tmp_path, capsys, caplog,
+                                                monkeypatch):
     # The checkpoint loader: tiny files whose allowed callables would allocate gigabytes.
     bombs = {"bytearray": _Call(bytearray, 10**9), "list of range": _Call(list, _Call(range, 10**9)),
              "storage": _Call(torch.UntypedStorage, 10**10), "expanded view": torch.zeros(1).expand(10**9)}
@@ -235,6 +236,14 @@ def test_sizes_from_flags_and_files_are_bounded(corpus, cache_dir, voices, tmp_p
     (big_vocab / "config.json").write_text(json.dumps(dict(config, num_symbols=10**12)))
     with pytest.raises(ck.CheckpointError, match=r"bigvocab: invalid model settings: n_vocab=1000000000000 is outside"):
         _trainer(_args(big_vocab, cache_dir, tmp_path / "out", "--max-steps", "1"))
+
+    # Training's validation samples: an absurd predicted length is refused, the sample skipped (and named).
+    t = _trainer(_args(corpus, cache_dir, tmp_path / "samples", "--max-steps", "1"))
+    t.args.no_samples = False
+    monkeypatch.setattr(train, "DEFAULT_LENGTH_SCALE", 1e6)
+    with caplog.at_level("WARNING", logger="vits_fast.train"):
+        assert t.validate()["samples"] == []
+    assert f"sample {t.test_items[0].id} not written: the predicted length exceeds the limit" in caplog.text
 
     # length_scale: the predicted length is checked before the alignment is allocated.
     single = voices["single"]["ckpt"]
