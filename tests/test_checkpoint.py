@@ -135,19 +135,21 @@ def test_lightning_dict_with_posixpath_and_unknown_classes_loads(tmp_path, monke
     assert plain["thing"]["__class__"].endswith("SomeLightningThing") and plain["thing"]["state"] == {"value": 7}
 
 
-def test_plain_checkpoint_uses_weights_only_path(tmp_path, monkeypatch):
+def test_plain_checkpoint_loads_in_one_restricted_pass(tmp_path, monkeypatch):
+    """One read, always through the restricted unpickler (torch's weights_only reader would call bytearray(n))."""
     path = tmp_path / "plain.ckpt"
-    torch.save({"state_dict": {"a": torch.ones(1)}, "p": pathlib.PosixPath("/a/b")}, path)
+    torch.save({"state_dict": {"a": torch.ones(1)}, "p": pathlib.PosixPath("/a/b"), "b": b"\x00\xff"}, path)
     calls = []
     real_load = torch.load
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("weights_only"))
+        calls.append((kwargs.get("weights_only"), getattr(kwargs.get("pickle_module"), "Unpickler", None)))
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    assert ck.load_checkpoint(path)["p"] == pathlib.PosixPath("/a/b")
-    assert calls == [True]
+    loaded = ck.load_checkpoint(path)
+    assert loaded["p"] == pathlib.PosixPath("/a/b") and loaded["b"] == b"\x00\xff"
+    assert len(calls) == 1 and calls[0][0] is False and issubclass(calls[0][1], ck._RestrictedUnpickler)
 
 
 def test_weight_norm_key_spellings_are_mapped(tmp_path):

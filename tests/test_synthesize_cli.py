@@ -210,7 +210,7 @@ def _error_cases(v, tmp):
         "two utterances to one file": ([single, *out, "One\nTwo"], "", "there are 2 utterances"),
         "no output": ([single, "Hi"], "", "choose exactly one of --output"),
         "stream to file": ([single, *out, "--stream", "Hi"], "", "--stream"),
-        "bad length scale": ([single, *out, "--length-scale", "0", "Hi"], "", "must be positive"),
+        "bad length scale": ([single, *out, "--length-scale", "0", "Hi"], "", "--length-scale must be > 0"),
         "convert single speaker": ([single, "--convert", tmp / "wav" / "x.wav", "--from-speaker", "0",
                                     "--to-speaker", "0", *out], "", "needs a multi-speaker model"),
         "convert missing audio": ([multi, "--convert", tmp / "none.wav", "--from-speaker", "0", "--to-speaker", "1",

@@ -9,24 +9,36 @@ Layout written by :func:`save_checkpoint` (what Piper's ``VitsModel.load_from_ch
      "pytorch-lightning_version": str,
      "vits_fast": {... resume-only extras: RNG states, grad scaler, batch position, model kwargs ...}}
 
-Loading (:func:`load_checkpoint`) never unpickles with the stock unpickler:
+Loading (:func:`load_checkpoint`) never unpickles with the stock unpickler. ``torch.load`` reads the file with
+:class:`_RestrictedUnpickler`:
 
-1. ``torch.load(weights_only=True)`` with an explicit allow-list (``pathlib`` paths besides torch's own tensors
-   and containers).
-2. If the file names a class outside that list (Lightning's ``AttributeDict`` in ``hyper_parameters``, a
-   dataset enum, ...), it is read again with :class:`_RestrictedUnpickler`: allow-listed globals resolve to the
-   real objects, class-like names become inert placeholders that only hold the data they were given, and any
-   callable that could act on the system (``os.system``, ``builtins.eval``, ``subprocess.Popen``, functions in
-   general) makes the load fail with :class:`UnsafeCheckpointError` before anything runs. No module named by
-   the file is ever imported.
+* allow-listed globals (torch's tensor rebuilding, containers, ``pathlib`` paths, NumPy scalars) resolve to the
+  real objects; class-like names outside the list (Lightning's ``AttributeDict`` in ``hyper_parameters``, a
+  dataset enum, ...) become inert placeholders that only hold the data they were given; any callable that could
+  act on the system (``os.system``, ``builtins.eval``, ``subprocess.Popen``, functions in general) makes the load
+  fail with :class:`UnsafeCheckpointError` before anything runs. No module named by the file is ever imported.
+* everything the allowed callables and storages would allocate is charged to a budget of twice the file's size
+  plus :data:`UNPICKLE_SLACK` elements: a small file cannot make ``bytearray(10**10)``, a huge storage or an
+  expanded view of billions of elements. (torch's own ``weights_only`` reader is not used: its allow-list calls
+  ``bytearray(n)`` and storage constructors for any ``n`` the file names.)
 
-A truncated or corrupt file raises :class:`CheckpointError` naming the file.
+After reading: meta tensors (shapes without data) are refused, and a checkpoint written by vits_fast carries the
+SHA-256 of its tensors (``vits_fast.tensor_sha256``, see :func:`tensor_checksum`), which must match: a flipped bit
+is a :class:`CheckpointError`, not a silently different voice. Piper's checkpoints carry none and load as they are.
+
+A missing, truncated or corrupt file raises :class:`CheckpointError` naming the file. Model sizes read from a
+checkpoint are bounded (:func:`check_model_config`) before any model is built.
 """
 
 from __future__ import annotations
 
+import _codecs
+import _compat_pickle
 import collections
 import copyreg
+import hashlib
+import inspect
+import math
 import os
 import pathlib
 import pickle
@@ -39,6 +51,7 @@ import numpy as np
 import torch
 
 from .config import PRESETS, AudioConfig, model_kwargs as preset_model_kwargs
+from .models import SynthesizerTrn
 
 PathLike = Union[str, os.PathLike]
 
@@ -101,6 +114,8 @@ def _allowed_globals() -> Dict[Tuple[str, str], Any]:
         add("builtins", builtin.__name__, builtin)
         add("__builtin__", builtin.__name__, builtin)
     add("copyreg", "_reconstructor", copyreg._reconstructor)
+    add("_codecs", "encode", _codecs.encode)  # bytes in protocol-2 pickles (torch.save's default)
+    add("torch.serialization", "_get_layout", torch.serialization._get_layout)
     for cls in _PATH_CLASSES:
         for module in ("pathlib", "pathlib._local"):
             add(module, cls.__name__, cls)
@@ -183,20 +198,120 @@ def _inert_class(module: str, name: str) -> type:
                 {"inert_qualname": f"{module}.{name}", "__module__": "vits_fast.checkpoint.inert"})
 
 
+#: Elements (or bytes) that unpickling may create beyond twice the file's size (see :class:`_Budget`).
+UNPICKLE_SLACK = 1 << 26
+
+
+class _Budget:
+    """What one load may still allocate; every storage, tensor and sized object made while unpickling is
+    charged here, and going over refuses the file."""
+
+    def __init__(self, source: str, file_size: int) -> None:
+        self.source = source
+        self.limit = 2 * file_size + UNPICKLE_SLACK
+        self.used = 0
+
+    def charge(self, amount: int, what: str) -> None:
+        self.used += int(amount)
+        if self.used > self.limit:
+            raise CheckpointError(
+                f"refusing to load {self.source}: unpickling it would allocate more than {self.limit} elements "
+                f"({what}), far beyond what its data holds; the file is corrupt or crafted")
+
+
+def _shape_size(args: Tuple[Any, ...]) -> int:
+    """Elements a size-taking constructor would allocate: the product of its integer arguments and integer
+    tuples (shapes); 0 when it got none (it copies existing data instead)."""
+    sizes = []
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool):
+            sizes.append(abs(a))
+        elif isinstance(a, (tuple, list)) and a and all(isinstance(i, int) and not isinstance(i, bool) for i in a):
+            sizes.append(math.prod(abs(i) for i in a))
+    return math.prod(sizes) if sizes else 0
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, _Guarded):
+        return value.target
+    if type(value) is tuple:
+        return tuple(_unwrap(v) for v in value)
+    return value
+
+
+class _Guarded:
+    """An allow-listed callable as the restricted unpickler hands it out: arguments are unwrapped, and what the
+    call allocates is charged to the load's :class:`_Budget` before (sized constructors) or after (tensor
+    rebuilds: the view's element count, which a later copy would materialise) the call."""
+
+    def __init__(self, target: Any, kind: str, budget: "_Budget") -> None:
+        self.target, self.kind, self.budget = target, kind, budget
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args = _unwrap(args)
+        name = getattr(self.target, "__name__", repr(self.target))
+        if self.kind == "sized":
+            self.budget.charge(_shape_size(args), f"{name}{args!r}"[:120])
+        elif self.kind == "range":
+            self.budget.charge(len(range(*args)), f"range{args!r}"[:120])
+        out = self.target(*args, **kwargs)
+        if self.kind == "tensor" and isinstance(out, torch.Tensor) and not out.is_meta:
+            self.budget.charge(out.numel(), f"a tensor of shape {tuple(out.shape)}")
+        return out
+
+    def __getattr__(self, item: str) -> Any:  # e.g. a storage class's ``dtype`` read by torch's loader
+        return getattr(self.target, item)
+
+
+def _guard_kind(obj: Any) -> Optional[str]:
+    """How a call of an allow-listed object is charged (None: it is not called, or allocates nothing sized)."""
+    if obj is range:
+        return "range"
+    if obj in (bytes, bytearray, torch.Tensor, np.ndarray, copyreg._reconstructor, _numpy_reconstruct) or (
+            isinstance(obj, type) and issubclass(obj, (torch.storage.TypedStorage, torch.storage.UntypedStorage))):
+        return "sized"
+    if getattr(obj, "__module__", None) == "torch._utils" or obj is torch._tensor._rebuild_from_type_v2:
+        return "tensor"
+    return "call" if callable(obj) and not isinstance(obj, torch.dtype) else None
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only allow-listed globals; see the module docstring for the rules."""
+    """Unpickler that resolves only allow-listed globals (charged to ``budget``); see the module docstring."""
 
     source = "<checkpoint>"
+    budget: Optional[_Budget] = None
     _allowed: Optional[Dict[Tuple[str, str], Any]] = None
     _inert: Dict[Tuple[str, str], type] = {}
+
+    @property
+    def persistent_load(self) -> Any:  # torch assigns its storage loader here; see the setter
+        return pickle.Unpickler.persistent_load.__get__(self)
+
+    @persistent_load.setter
+    def persistent_load(self, load: Callable[[Any], Any]) -> None:
+        """Charge each storage the file declares (the legacy format allocates it before reading its data)."""
+        budget = self.budget
+
+        def charged(pid: Any) -> Any:
+            pid = _unwrap(tuple(pid)) if isinstance(pid, (tuple, list)) else pid
+            if budget is not None and isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+                storage_type, numel = pid[1], pid[4]
+                dtype = getattr(storage_type, "dtype", torch.uint8)
+                size = torch._utils._element_size(dtype) if isinstance(dtype, torch.dtype) else 1
+                budget.charge(int(numel) * size, f"a storage of {numel} elements")
+            return load(pid)
+
+        pickle.Unpickler.persistent_load.__set__(self, charged)
 
     def find_class(self, module: str, name: str) -> Any:
         cls = type(self)
         if cls._allowed is None:
             cls._allowed = _allowed_globals()
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))  # Python 2 names (xrange)
         obj = cls._allowed.get((module, name))
         if obj is not None:
-            return obj
+            kind = _guard_kind(obj)
+            return _Guarded(obj, kind, self.budget) if kind is not None and self.budget is not None else obj
         top = module.split(".", 1)[0]
         leaf = name.rsplit(".", 1)[-1]
         if top in _DANGEROUS_MODULES or not leaf[:1].isupper():
@@ -210,9 +325,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return cls._inert[key]
 
 
-def _restricted_pickle_module(source: str) -> Any:
-    """The ``pickle_module`` handed to ``torch.load`` for the restricted pass (errors name ``source``)."""
-    unpickler = type("_RestrictedUnpickler", (_RestrictedUnpickler,), {"source": source})
+def _restricted_pickle_module(source: str, budget: Optional[_Budget] = None) -> Any:
+    """The ``pickle_module`` handed to ``torch.load`` (errors name ``source``; allocations charged to ``budget``)."""
+    unpickler = type("_RestrictedUnpickler", (_RestrictedUnpickler,), {"source": source, "budget": budget})
 
     def load(file: Any, **kwargs: Any) -> Any:  # torch's legacy (non-zip) reader uses it for its header
         return unpickler(file, **kwargs).load()
@@ -222,33 +337,76 @@ def _restricted_pickle_module(source: str) -> Any:
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
-    """Read a ``.ckpt``/``.pt`` file without executing code from it.
+    """Read a ``.ckpt``/``.pt`` file without executing code from it (module docstring).
 
     Returns what was saved (for checkpoints, a dict). Raises :class:`CheckpointError` for a missing, empty,
-    truncated or corrupt file and :class:`UnsafeCheckpointError` for a file whose pickle would call code.
+    truncated, corrupt (checksum mismatch) or oversized file, a directory, or meta tensors, and
+    :class:`UnsafeCheckpointError` for a file whose pickle would call code.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the .ckpt file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    budget = _Budget(str(path), size)
     try:
-        if hasattr(torch.serialization, "safe_globals"):
-            with torch.serialization.safe_globals(list(_PATH_CLASSES)):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # a global beyond the allow-list (or an opcode torch's reader lacks): decided by the pass below
+        obj = torch.load(path, map_location=map_location, weights_only=False,
+                         pickle_module=_restricted_pickle_module(str(path), budget))
+    except CheckpointError:
+        raise
     except Exception as exc:  # zip errors (RuntimeError), EOFError, ... from a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({_first_line(exc)})") from None
-    # Read it again with the restricted unpickler: it refuses code, keeps unknown classes as inert data.
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False,
-                          pickle_module=_restricted_pickle_module(str(path)))
-    except UnsafeCheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({_first_line(exc)})") from None
+    _check_loaded_tensors(obj, str(path))
+    return obj
+
+
+def _tensors(obj: Any, prefix: str = "") -> List[Tuple[str, torch.Tensor]]:
+    """(path, tensor) for every tensor in nested dicts/lists/tuples, in stored order; a container reached twice
+    (pickle keeps shared references) is visited once, so the walk is linear in what the file holds."""
+    out: List[Tuple[str, torch.Tensor]] = []
+    seen = set()
+    stack: List[Tuple[str, Any]] = [(prefix, obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            out.append((where, value))
+            continue
+        if isinstance(value, (Mapping, list, tuple)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            items = value.items() if isinstance(value, Mapping) else enumerate(value)
+            stack.extend(reversed([(f"{where}.{k}" if where else str(k), v) for k, v in items]))
+    return out
+
+
+def tensor_checksum(ckpt: Mapping[str, Any]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the weights (``state_dict``) and optimizer states of
+    a checkpoint dict: what :func:`build_checkpoint` records and :func:`load_checkpoint` verifies."""
+    h = hashlib.sha256()
+    for where, t in _tensors({"state_dict": ckpt.get("state_dict"), "optimizer_states": ckpt.get("optimizer_states")}):
+        t = t.detach().cpu().reshape(-1).contiguous()
+        h.update(f"{where}|{t.dtype}|{t.numel()}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_loaded_tensors(obj: Any, source: str) -> None:
+    """Refuse meta tensors, and verify the recorded checksum of a vits_fast checkpoint."""
+    meta = [where for where, t in _tensors(obj) if t.is_meta]
+    if meta:
+        raise CheckpointError(f"checkpoint {source} holds {len(meta)} meta tensor(s) (shapes without data), e.g. "
+                              f"{meta[0]}: it was saved from a model that was never materialised")
+    extra = obj.get("vits_fast") if isinstance(obj, Mapping) else None
+    if not isinstance(extra, Mapping) or "tensor_sha256" not in extra:
+        return  # not written by vits_fast (Piper's own checkpoints carry no checksum)
+    recorded = extra["tensor_sha256"]
+    if not isinstance(recorded, str) or recorded != tensor_checksum(obj):
+        raise CheckpointError(f"checkpoint {source} is corrupt: the SHA-256 of its tensors does not match the one "
+                              f"recorded when it was written (damaged on disk or in transfer?)")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -256,20 +414,40 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+#: Nodes and nesting depth :func:`to_plain` converts (hyper-parameters are a few hundred values).
+MAX_PLAIN_NODES = 1_000_000
+MAX_PLAIN_DEPTH = 100
+
+
 def to_plain(obj: Any) -> Any:
-    """Replace inert placeholders (recursively) by plain dicts/lists and paths by strings (for hparams)."""
-    if isinstance(obj, InertObject):
-        if len(obj) or not (obj.inert_args or obj.inert_items or obj.inert_state):
-            return {str(k): to_plain(v) for k, v in obj.items()}
-        return {"__class__": obj.inert_qualname, "args": to_plain(list(obj.inert_args)),
-                "state": to_plain(obj.inert_state), "items": to_plain(obj.inert_items)}
-    if isinstance(obj, Mapping):
-        return {k: to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_plain(v) for v in obj) if isinstance(obj, list) else tuple(to_plain(v) for v in obj)
-    if isinstance(obj, pathlib.PurePath):
-        return str(obj)
-    return obj
+    """Replace inert placeholders (recursively) by plain dicts/lists and paths by strings (for hparams).
+
+    Raises :class:`CheckpointError` past :data:`MAX_PLAIN_NODES` values or :data:`MAX_PLAIN_DEPTH` levels (a
+    pickle that shares one list many times over would otherwise expand exponentially here).
+    """
+    count = [0]
+
+    def convert(value: Any, depth: int) -> Any:
+        count[0] += 1
+        if count[0] > MAX_PLAIN_NODES or depth > MAX_PLAIN_DEPTH:
+            raise CheckpointError(f"the checkpoint's settings are too large or too deeply nested (more than "
+                                  f"{MAX_PLAIN_NODES} values or {MAX_PLAIN_DEPTH} levels)")
+        if isinstance(value, InertObject):
+            if len(value) or not (value.inert_args or value.inert_items or value.inert_state):
+                return {str(k): convert(v, depth + 1) for k, v in value.items()}
+            return {"__class__": value.inert_qualname, "args": convert(list(value.inert_args), depth + 1),
+                    "state": convert(value.inert_state, depth + 1), "items": convert(value.inert_items, depth + 1)}
+        if isinstance(value, Mapping):
+            return {k: convert(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [convert(v, depth + 1) for v in value]
+        if isinstance(value, tuple):
+            return tuple(convert(v, depth + 1) for v in value)
+        if isinstance(value, pathlib.PurePath):
+            return str(value)
+        return value
+
+    return convert(obj, 0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -400,6 +578,87 @@ def _tuple(v: Any) -> Any:
     return tuple(_tuple(i) for i in v) if isinstance(v, (list, tuple)) else v
 
 
+#: Inclusive bounds of the integer model settings a checkpoint (or a dataset config) may give, checked by
+#: :func:`check_model_config` before anything is allocated. Piper's largest preset is far inside them.
+MODEL_LIMITS: Dict[str, Tuple[int, int]] = {
+    "n_vocab": (1, 65536), "n_speakers": (1, 65536), "spec_channels": (1, 8193), "segment_size": (1, 4096),
+    "inter_channels": (1, 4096), "hidden_channels": (1, 4096), "filter_channels": (1, 16384), "n_heads": (1, 64),
+    "n_layers": (0, 64), "kernel_size": (1, 63), "upsample_initial_channel": (1, 8192), "gin_channels": (0, 4096),
+}
+#: Bounds of the decoder's per-stage lists: entries per list, kernel/dilation/stride values, total upsampling.
+MAX_STAGES, MAX_KERNEL, MAX_HOP = 8, 128, 4096
+#: Parameters of the generator a checkpoint describes (Piper "high" has about 30 M).
+MAX_PARAMETERS = 500_000_000
+#: Inclusive bounds of the audio settings.
+AUDIO_LIMITS: Dict[str, Tuple[int, int]] = {
+    "sample_rate": (1000, 384000), "filter_length": (4, 65536), "hop_length": (1, 65536), "win_length": (1, 65536),
+    "mel_channels": (1, 1024),
+}
+_MODEL_PARAMS = frozenset(inspect.signature(SynthesizerTrn.__init__).parameters) - {"self"}
+
+
+def _int_in(name: str, value: Any, low: int, high: int) -> Optional[str]:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"{name}={value!r} is not an integer"
+    if not low <= value <= high:
+        return f"{name}={value} is outside [{low}, {high}]"
+    return None
+
+
+def check_model_config(kwargs: Mapping[str, Any], audio: Optional[AudioConfig] = None,
+                       name: str = "the checkpoint", error: type = None) -> None:
+    """Raise ``error`` (default :class:`CheckpointError`) naming ``name`` unless ``kwargs`` are
+    ``SynthesizerTrn`` arguments of known names and types inside :data:`MODEL_LIMITS` /
+    :data:`MAX_STAGES` / :data:`MAX_KERNEL` / :data:`MAX_HOP`, whose generator has at most
+    :data:`MAX_PARAMETERS` parameters (counted on the meta device: nothing is allocated), and ``audio`` is
+    inside :data:`AUDIO_LIMITS`."""
+    error = error or CheckpointError
+    unknown = sorted(set(kwargs) - _MODEL_PARAMS)
+    if unknown:
+        raise error(f"{name}: unknown model setting(s) {unknown}; SynthesizerTrn takes {sorted(_MODEL_PARAMS)}")
+    problems = [p for key, (lo, hi) in MODEL_LIMITS.items() if key in kwargs
+                for p in [_int_in(key, kwargs[key], lo, hi)] if p]
+    lists = {"resblock_kernel_sizes": 1, "resblock_dilation_sizes": 2, "upsample_rates": 1, "upsample_kernel_sizes": 1}
+    for key, depth in lists.items():
+        value = kwargs.get(key)
+        rows = value if depth == 2 and isinstance(value, (list, tuple)) else [value]
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_STAGES or not all(
+                isinstance(r, (list, tuple)) and 1 <= len(r) <= MAX_STAGES and not any(
+                    _int_in(key, v, 1, MAX_KERNEL) for v in r) for r in rows):
+            problems.append(f"{key}={value!r} is not a list of 1..{MAX_STAGES} integers in [1, {MAX_KERNEL}]"
+                            + (" per entry" if depth == 2 else ""))
+    if not problems:
+        rates = kwargs["upsample_rates"]
+        if math.prod(rates) > MAX_HOP:
+            problems.append(f"upsample_rates {list(rates)} give {math.prod(rates)} samples per frame (> {MAX_HOP})")
+        if len(kwargs["upsample_kernel_sizes"]) != len(rates):
+            problems.append("upsample_kernel_sizes and upsample_rates differ in length")
+        if len(kwargs["resblock_dilation_sizes"]) != len(kwargs["resblock_kernel_sizes"]):
+            problems.append("resblock_dilation_sizes and resblock_kernel_sizes differ in length")
+        if kwargs.get("resblock") not in ("1", "2"):
+            problems.append(f"resblock={kwargs.get('resblock')!r} is not '1' or '2'")
+        dropout = kwargs.get("p_dropout", 0.0)
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+            problems.append(f"p_dropout={dropout!r} is not a number in [0, 1)")
+        if not isinstance(kwargs.get("use_sdp", True), bool):
+            problems.append(f"use_sdp={kwargs.get('use_sdp')!r} is not true/false")
+    if audio is not None:
+        problems += [p for key, (lo, hi) in AUDIO_LIMITS.items() for p in [_int_in(key, getattr(audio, key), lo, hi)]
+                     if p]
+        if not problems and max(audio.hop_length, audio.win_length) > audio.filter_length:
+            problems.append(f"hop_length {audio.hop_length} / win_length {audio.win_length} exceed filter_length "
+                            f"{audio.filter_length}")
+    if problems:
+        raise error(f"{name}: invalid model settings: " + "; ".join(problems))
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in SynthesizerTrn(**kwargs).parameters())
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise error(f"{name}: these model settings do not build a model: {_first_line(exc)}") from None
+    if count > MAX_PARAMETERS:
+        raise error(f"{name}: the model it describes has {count} parameters (limit {MAX_PARAMETERS})")
+
+
 def _audio_from_hparams(hp: Mapping[str, Any], default_sample_rate: int) -> AudioConfig:
     """STFT/mel settings from Piper hyper-parameters; missing ones take ``VitsModel``'s defaults."""
     d = AudioConfig()
@@ -446,16 +705,35 @@ def model_config_from_checkpoint(
     extra = ckpt.get("vits_fast")
     extra = extra if isinstance(extra, Mapping) else {}
 
+    try:
+        kwargs, audio, quality = _model_config(ckpt, hp, extra, default_sample_rate, name)
+    except (TypeError, ValueError) as exc:  # a setting of the wrong type (a string where a number belongs, ...)
+        raise CheckpointError(f"{name}: unusable model settings ({_first_line(exc)})") from None
+    check_model_config(kwargs, audio, name)
+    return kwargs, audio, quality
+
+
+def _model_config(ckpt: Mapping[str, Any], hp: Dict[str, Any], extra: Mapping[str, Any],
+                  default_sample_rate: Optional[Callable[[Optional[str]], int]],
+                  name: str) -> Tuple[Dict[str, Any], AudioConfig, Optional[str]]:
+    """:func:`model_config_from_checkpoint` before its checks."""
+
     def sample_rate_for(quality: Optional[str]) -> int:
         return int(default_sample_rate(quality)) if default_sample_rate is not None else AudioConfig().sample_rate
 
     if isinstance(extra.get("model_kwargs"), Mapping):
         quality = extra.get("quality")
-        kwargs = {k: _tuple(v) for k, v in extra["model_kwargs"].items()}
+        kwargs = {str(k): _tuple(v) for k, v in extra["model_kwargs"].items()}
         recorded_audio = extra.get("audio")
-        audio = (AudioConfig(**recorded_audio) if isinstance(recorded_audio, Mapping)
-                 else _audio_from_hparams(hp, sample_rate_for(quality)))
-        return kwargs, audio, quality
+        if isinstance(recorded_audio, Mapping):
+            fields = {f for f in AudioConfig.__dataclass_fields__}
+            unknown = sorted(str(k) for k in recorded_audio if k not in fields)
+            if unknown:
+                raise CheckpointError(f"{name}: unknown audio setting(s) {unknown}; known: {sorted(fields)}")
+            audio = AudioConfig(**recorded_audio)
+        else:
+            audio = _audio_from_hparams(hp, sample_rate_for(quality))
+        return kwargs, audio, quality if quality is None or isinstance(quality, str) else str(quality)
 
     arch = infer_architecture(generator_state(ckpt)[0])
     quality = hp["quality"] if hp.get("quality") in _KNOWN_QUALITIES else arch["quality"]
@@ -492,10 +770,17 @@ def load_weights(model: torch.nn.Module, source: Mapping[str, torch.Tensor], wha
     """Copy ``source`` into ``model`` where names and shapes agree; returns the model keys left at init.
 
     Raises :class:`CheckpointError` when a tensor of the same name has another shape (the checkpoint does not
-    fit this architecture).
+    fit this architecture), or holds NaN/inf values or no data (meta): a model never starts from such weights.
     """
     own = model.state_dict()
     source = match_keys(model, source)
+    meta = [k for k, v in source.items() if v.is_meta]
+    if meta:
+        raise CheckpointError(f"{what} has {len(meta)} meta tensor(s) (shapes without data): {meta[:8]}")
+    nonfinite = [k for k, v in source.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"{what} holds NaN/inf weights in {len(nonfinite)} tensor(s): {nonfinite[:8]}; "
+                              f"it is the checkpoint of a diverged run or damaged")
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in source.items() if k in own and own[k].shape != v.shape]
     if mismatched:
@@ -560,12 +845,13 @@ def atomic_save(obj: Any, path: PathLike) -> None:
 def build_checkpoint(model_g: torch.nn.Module, model_d: torch.nn.Module, optimizers: List[torch.optim.Optimizer],
                      schedulers: List[Any], epoch: int, global_step: int, hyper_parameters: Mapping[str, Any],
                      extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """The Lightning-layout dict described in the module docstring."""
+    """The Lightning-layout dict described in the module docstring, with the checksum of its tensors
+    (:func:`tensor_checksum`) in ``vits_fast.tensor_sha256``."""
     state_dict: Dict[str, torch.Tensor] = collections.OrderedDict()
     for prefix, model in (("model_g.", model_g), ("model_d.", model_d)):
         for key, value in model.state_dict().items():
             state_dict[prefix + key] = value
-    return {
+    ckpt = {
         "epoch": int(epoch),
         "global_step": int(global_step),
         "pytorch-lightning_version": LIGHTNING_VERSION,
@@ -575,6 +861,8 @@ def build_checkpoint(model_g: torch.nn.Module, model_d: torch.nn.Module, optimiz
         "hyper_parameters": dict(hyper_parameters),
         "vits_fast": dict(extra or {}),
     }
+    ckpt["vits_fast"]["tensor_sha256"] = tensor_checksum(ckpt)
+    return ckpt
 
 
 def save_checkpoint(path: PathLike, *args: Any, **kwargs: Any) -> Path:

@@ -22,7 +22,7 @@ mtime and the STFT settings, so later runs reuse it and an edited file is re-cac
 
 from __future__ import annotations
 
-import csv
+import collections
 import hashlib
 import json
 import logging
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .config import AudioConfig
+from .guards import TextLineError, decode_line
 
 _LOGGER = logging.getLogger("vits_fast.data")
 
@@ -187,8 +188,31 @@ def _read_config(folder: Path) -> Dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         return {}
-    with open(path, "r", encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"cannot read the dataset config {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise DataError(f"the dataset config {path} is not a JSON object")
+    return config
+
+
+def _read_lines(path: Path, csv_ids: bool = False) -> Tuple[List[Tuple[int, str]], List[BadItem]]:
+    """(line number, text) of the non-blank lines of a UTF-8 file, and a bad item for each line that is not
+    UTF-8 text, named by its line number (or with ``csv_ids`` its first ``|`` field, the utterance id)."""
+    lines: List[Tuple[int, str]] = []
+    bad: List[BadItem] = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            text = decode_line(raw, n, str(path))
+        except TextLineError as exc:
+            name = raw.split(b"|", 1)[0].decode("utf-8", "replace").strip() if csv_ids else ""
+            bad.append(BadItem(name if 0 < len(name) <= 100 else f"line {n}", str(path), str(exc)))
+            continue
+        text = text.lstrip("\ufeff") if n == 1 else text  # a byte-order mark is not part of the first id
+        if text.strip():
+            lines.append((n, text))
+    return lines, bad
 
 
 def config_phoneme_id_map(config: Mapping[str, Any]) -> Optional[Dict[str, List[int]]]:
@@ -207,12 +231,18 @@ def config_speaker_id_map(config: Mapping[str, Any]) -> Dict[str, int]:
 def _info_from_config(root: Path, kind: str, config: Dict[str, Any]) -> DatasetInfo:
     info = DatasetInfo(root=root, kind=kind, config=config)
     if config:
-        info.sample_rate = config.get("audio", {}).get("sample_rate")
-        info.num_symbols = config.get("num_symbols")
-        info.phoneme_id_map = config_phoneme_id_map(config)
-        info.speaker_id_map = config_speaker_id_map(config)
-        info.num_speakers = int(config.get("num_speakers") or max(1, len(info.speaker_id_map)))
-        info.espeak_voice = config.get("espeak", {}).get("voice", info.espeak_voice)
+        try:
+            info.sample_rate = config.get("audio", {}).get("sample_rate")
+            info.num_symbols = config.get("num_symbols")
+            if info.num_symbols is not None and not _is_int(info.num_symbols):
+                raise ValueError(f"num_symbols {info.num_symbols!r} is not an integer")
+            info.phoneme_id_map = config_phoneme_id_map(config)
+            info.speaker_id_map = config_speaker_id_map(config)
+            info.num_speakers = int(config.get("num_speakers") or max(1, len(info.speaker_id_map)))
+            info.espeak_voice = config.get("espeak", {}).get("voice", info.espeak_voice)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise DataError(f"the dataset config {root / 'config.json'} has a field of the wrong type "
+                            f"({type(exc).__name__}: {exc})") from None
     return info
 
 
@@ -226,23 +256,35 @@ def _find_audio(csv_dir: Path, utt_id: str) -> Optional[Path]:
 
 
 def read_ljspeech(folder: Path, single_speaker: bool = False) -> Tuple[List[Item], List[BadItem], DatasetInfo]:
-    """Read ``metadata.csv`` (see the module docstring). Phoneme ids stay None unless the csv has them."""
+    """Read ``metadata.csv`` (see the module docstring). Phoneme ids stay None unless the csv has them.
+
+    The format is decided for the whole file, never per line: trailing phoneme ids when every line ends in
+    them, and ``id|text`` or ``id|speaker|text`` by the column count most lines have (a tie takes fewer
+    columns). A line with more columns has a ``|`` inside its text, which is kept there; a line with fewer is a
+    bad item, as is a line that is not UTF-8 text.
+    """
     metadata = folder / "metadata.csv"
     info = _info_from_config(folder, "ljspeech", _read_config(folder))
-    with open(metadata, "r", encoding="utf-8", newline="") as f:
-        rows = [row for row in csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE) if row and any(row)]
-    has_ids = bool(rows) and all(len(r) >= 3 for r in rows) and all(_IDS_RE.match(r[-1]) for r in rows)
+    lines, bad = _read_lines(metadata, csv_ids=True)
+    rows = [(n, line.split("|")) for n, line in lines]
+    has_ids = bool(rows) and all(len(r) >= 3 for _, r in rows) and all(_IDS_RE.match(r[-1]) for _, r in rows)
+    counts = collections.Counter(len(r) - has_ids for _, r in rows)
+    n_cols = max(counts, key=lambda c: (counts[c], -c)) if counts else 2
+    layout = ("id|text" if n_cols < 3 else "id|speaker|text") + ("|phoneme ids" if has_ids else "")
     items: List[Item] = []
-    bad: List[BadItem] = []
     speakers: List[Optional[str]] = []
-    for line_no, row in enumerate(rows, start=1):
+    with_pipes: List[int] = []
+    for line_no, row in rows:
         utt_id = row[0].strip()
         n_text_cols = len(row) - (1 if has_ids else 0)
-        if n_text_cols < 2:
-            bad.append(BadItem(utt_id or f"line {line_no}", str(metadata), f"line {line_no}: too few columns"))
+        if n_text_cols < max(2, n_cols):
+            bad.append(BadItem(utt_id or f"line {line_no}", str(metadata),
+                               f"line {line_no}: too few columns ({len(row)}) for this file's format {layout}"))
             continue
-        speaker = row[1].strip() if (n_text_cols >= 3 and not single_speaker) else None
-        text = row[n_text_cols - 1]
+        if n_text_cols > n_cols:
+            with_pipes.append(line_no)
+        speaker = row[1].strip() if (n_cols >= 3 and not single_speaker) else None
+        text = "|".join(row[n_cols - 1: n_text_cols])
         ids = [int(t) for t in row[-1].split()] if has_ids else None
         audio = _find_audio(folder, utt_id)
         if audio is None:
@@ -253,6 +295,9 @@ def read_ljspeech(folder: Path, single_speaker: bool = False) -> Tuple[List[Item
             continue
         items.append(Item(id=utt_id, text=text, phoneme_ids=ids, audio_path=audio))
         speakers.append(speaker)
+    if with_pipes:
+        _LOGGER.warning("%s: %d line(s) have a '|' inside the text (format %s), kept as part of the text: line(s) "
+                        "%s", metadata, len(with_pipes), layout, ", ".join(map(str, with_pipes[:10])))
     names = sorted({s for s in speakers if s is not None})
     if names:
         if not set(names) <= set(info.speaker_id_map):
@@ -272,12 +317,35 @@ def read_ljspeech(folder: Path, single_speaker: bool = False) -> Tuple[List[Item
     return items, bad, info
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _record_problem(rec: Any, num_speakers: int) -> Optional[str]:
+    """What is wrong with one ``dataset.jsonl`` record (field types, speaker id range), or None."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    ids = rec.get("phoneme_ids")
+    if not isinstance(ids, list) or not all(_is_int(i) for i in ids):
+        return f"phoneme_ids must be a list of integers, got {str(ids)[:60]}"
+    for key in ("text", "audio_path", "audio_norm_path", "audio_spec_path"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            return f"{key} must be a string, got {rec[key]!r}"
+    speaker = rec.get("speaker_id")
+    if speaker is not None:
+        if not _is_int(speaker):
+            return f"speaker_id must be an integer, got {speaker!r}"
+        if not 0 <= speaker < max(1, num_speakers):
+            return (f"speaker_id {speaker} is outside the dataset's speakers 0..{max(1, num_speakers) - 1} "
+                    f"(config.json num_speakers)")
+    return None
+
+
 def read_piper_dataset(folder: Path, jsonl: Optional[Path] = None) -> Tuple[List[Item], List[BadItem], DatasetInfo]:
     """Read Piper's preprocessed ``dataset.jsonl`` (+ ``config.json``)."""
     jsonl = jsonl or folder / "dataset.jsonl"
     info = _info_from_config(folder, "piper", _read_config(folder))
     items: List[Item] = []
-    bad: List[BadItem] = []
 
     def resolve(p: Optional[str]) -> Optional[Path]:
         if not p:
@@ -285,23 +353,26 @@ def read_piper_dataset(folder: Path, jsonl: Optional[Path] = None) -> Tuple[List
         path = Path(p)
         return path if path.is_absolute() else folder / path
 
-    with open(jsonl, "r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                ids = [int(i) for i in rec["phoneme_ids"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                bad.append(BadItem(f"line {line_no}", str(jsonl), f"unreadable record ({exc!r})"))
-                continue
-            audio_path = resolve(rec.get("audio_path"))
-            utt_id = Path(rec.get("audio_path") or rec.get("audio_norm_path") or f"line{line_no}").stem
-            item = Item(id=utt_id, text=rec.get("text") or "", phoneme_ids=ids, audio_path=audio_path,
-                        speaker_id=rec.get("speaker_id"))
-            item.audio_cache = resolve(rec.get("audio_norm_path"))
-            item.spec_cache = resolve(rec.get("audio_spec_path"))
-            items.append(item)
+    lines, bad = _read_lines(jsonl)
+    for line_no, line in lines:
+        rec: Any = None
+        try:
+            rec = json.loads(line)
+            problem = _record_problem(rec, info.num_speakers)
+        except ValueError as exc:
+            problem = f"not JSON ({exc})"
+        if problem:
+            named = isinstance(rec, dict) and isinstance(rec.get("audio_path"), str) and rec["audio_path"]
+            bad.append(BadItem(Path(rec["audio_path"]).stem if named else f"line {line_no}", str(jsonl),
+                               f"line {line_no}: {problem}"))
+            continue
+        audio_path = resolve(rec.get("audio_path"))
+        utt_id = Path(rec.get("audio_path") or rec.get("audio_norm_path") or f"line{line_no}").stem
+        item = Item(id=utt_id, text=rec.get("text") or "", phoneme_ids=list(rec["phoneme_ids"]),
+                    audio_path=audio_path, speaker_id=rec.get("speaker_id"))
+        item.audio_cache = resolve(rec.get("audio_norm_path"))
+        item.spec_cache = resolve(rec.get("audio_spec_path"))
+        items.append(item)
     if info.num_speakers > 1:
         for item in items:
             if item.speaker_id is None:
@@ -357,17 +428,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _load_tensor_file(path: Path) -> torch.Tensor:
-    """A cached ``.npy`` or Piper ``.pt`` tensor (``allow_pickle=False`` / ``weights_only``: never runs code)."""
+    """A cached ``.npy`` or Piper ``.pt`` tensor (``allow_pickle=False`` / the bounded restricted checkpoint
+    reader: never runs code, never allocates beyond what the file holds)."""
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path, allow_pickle=False))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from .checkpoint import load_checkpoint
 
-
-def _tensor_shape(path: Path) -> Tuple[int, ...]:
-    """Shape of a cached tensor without reading its data."""
-    if path.suffix == ".npy":
-        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-    return tuple(torch.load(path, map_location="cpu", weights_only=True, mmap=True).shape)
+    tensor = load_checkpoint(path)
+    if not isinstance(tensor, torch.Tensor):
+        raise DataError(f"{path} holds a {type(tensor).__name__}, not a tensor")
+    return tensor
 
 
 @dataclass
@@ -382,6 +452,31 @@ class _PrepResult:
     num_samples: int = 0
 
 
+def _array(path: Path) -> np.ndarray:
+    """A cached tensor as an array: ``.npy`` memory-mapped (read only where used), Piper's ``.pt`` loaded."""
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    return _load_tensor_file(path).float().numpy()
+
+
+def _cached_result(index: int, spec_file: Path, audio_file: Path, audio: AudioConfig,
+                   check_values: bool) -> _PrepResult:
+    """Check an existing cached pair: the spectrogram's shape and, with ``check_values`` (Piper's tensors, which
+    this package did not write), that both hold only finite values (read in full once, before training). Our
+    own cache is written from audio already checked to be finite, so only its shape is read."""
+    spec, wav = _array(spec_file), _array(audio_file)
+    where = str(spec_file)
+    if spec.ndim != 2 or spec.shape[0] != audio.spec_channels:
+        return _PrepResult(index, False, f"cached spectrogram has shape {tuple(spec.shape)}, expected "
+                                         f"[{audio.spec_channels}, frames] (filter_length {audio.filter_length})",
+                           where)
+    for name, values, path in (("spectrogram", spec, spec_file), ("audio", wav, audio_file)):
+        if check_values and not np.isfinite(values).all():
+            return _PrepResult(index, False, f"cached {name} {path} contains NaN or infinite values", where)
+    return _PrepResult(index, True, path=where, audio_cache=str(audio_file), spec_cache=str(spec_file),
+                       num_frames=int(spec.shape[-1]), num_samples=int(wav.shape[-1]))
+
+
 def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path) -> _PrepResult:
     """Make sure ``item`` has a cached audio + spectrogram pair and measure it; never raises."""
     from .mel_processing import spectrogram_torch
@@ -391,15 +486,7 @@ def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path) ->
         # Piper-preprocessed items: use its cached tensors when both exist.
         if item.spec_cache is not None and item.audio_cache is not None and item.spec_cache.is_file() \
                 and item.audio_cache.is_file():
-            spec_shape = _tensor_shape(item.spec_cache)
-            where = str(item.spec_cache)
-            if len(spec_shape) != 2 or spec_shape[0] != audio.spec_channels:
-                return _PrepResult(index, False, f"cached spectrogram has shape {spec_shape}, expected "
-                                                 f"[{audio.spec_channels}, frames] (filter_length "
-                                                 f"{audio.filter_length})", where)
-            return _PrepResult(index, True, path=where, audio_cache=str(item.audio_cache),
-                               spec_cache=str(item.spec_cache), num_frames=int(spec_shape[-1]),
-                               num_samples=int(_tensor_shape(item.audio_cache)[-1]))
+            return _cached_result(index, item.spec_cache, item.audio_cache, audio, check_values=True)
         if item.audio_path is None or not item.audio_path.is_file():
             missing = item.audio_path or item.spec_cache
             return _PrepResult(index, False, "audio file not found", str(missing))
@@ -407,10 +494,7 @@ def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path) ->
         audio_file = cache_dir / key[:2] / f"{key}.audio.npy"
         spec_file = cache_dir / key[:2] / f"{key}.spec.npy"
         if audio_file.is_file() and spec_file.is_file():
-            spec_shape = _tensor_shape(spec_file)
-            n_samples = _tensor_shape(audio_file)[0]
-            return _PrepResult(index, True, path=where, audio_cache=str(audio_file), spec_cache=str(spec_file),
-                               num_frames=int(spec_shape[-1]), num_samples=int(n_samples))
+            return _cached_result(index, spec_file, audio_file, audio, check_values=False)
         wav = load_audio(item.audio_path, audio.sample_rate)
         if wav.size == 0:
             return _PrepResult(index, False, "audio file has no samples", where)
@@ -500,7 +584,9 @@ def prepare_items(items: List[Item], audio: AudioConfig, cache_dir: PathLike, *,
         if len(ids) == 0 or all(i in (0, 1, 2) for i in ids):
             bad.append(BadItem(it.id, where, "empty transcript (no phonemes)"))
         elif min(ids) < 0 or max(ids) >= num_symbols:
-            bad.append(BadItem(it.id, where, f"phoneme id {max(ids)} outside the vocabulary of {num_symbols}"))
+            wrong = [i for i in ids if not 0 <= i < num_symbols]
+            bad.append(BadItem(it.id, where, f"phoneme id {wrong[0]} outside the vocabulary of {num_symbols} "
+                                             f"({len(wrong)} such id(s))"))
         elif max_phoneme_ids is not None and len(ids) > max_phoneme_ids:
             filtered.append(BadItem(it.id, where, f"{len(ids)} phoneme ids > --max-phoneme-ids {max_phoneme_ids}"))
         else:

@@ -1,6 +1,7 @@
 """Export to ONNX in Piper's runtime contract, with the ``.onnx.json`` voice config Piper reads.
 
 ``python -m vits_fast.export onnx CHECKPOINT OUTPUT.onnx [--config config.json] [--streaming-dir DIR]``
+(no output may name one of the inputs: that is refused before anything is read or written)
 
 The graph (what Piper's runtimes, C++ and Python, feed and read):
 
@@ -33,6 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .guards import OverwriteError, refuse_overwrite
 from .inference import (DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W, VoiceError, encode,
                         load_voice, prepare_for_inference)
 from .models import SynthesizerTrn
@@ -337,7 +339,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "pip install 'vits_fast[onnx]'", file=sys.stderr)
         return 1
     try:
+        outputs = [Path(args.output), onnx_config_path(args.output)]
+        if args.streaming_dir:
+            outputs += [Path(args.streaming_dir) / name for name in ("encoder.onnx", "decoder.onnx", "config.json")]
+        refuse_overwrite(outputs, [args.checkpoint, args.config])  # before reading, so a refusal is immediate
         voice = load_voice(args.checkpoint, args.config)
+        refuse_overwrite(outputs, [voice.config_path])  # the config found beside the checkpoint
         config = make_voice_config(voice.model, voice.config, sample_rate=args.sample_rate or voice.sample_rate,
                                    quality=args.quality, espeak_voice=args.espeak_voice)
         path = export_onnx(voice.model, args.output, config)
@@ -346,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             enc, dec = export_streaming_onnx(voice.model, args.streaming_dir)
             write_voice_config(config, Path(args.streaming_dir) / "config.json")
             print(f"wrote {enc}, {dec} and {Path(args.streaming_dir) / 'config.json'}", file=sys.stderr)
-    except (VoiceError, CheckpointError, ExportError, OSError) as exc:
+    except (VoiceError, CheckpointError, ExportError, OverwriteError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -43,11 +43,53 @@ DEFAULT_NOISE_SCALE = 0.667
 DEFAULT_LENGTH_SCALE = 1.0
 DEFAULT_NOISE_SCALE_W = 0.8
 
+#: Limits of one synthesised sequence (README "Limits"; ``Synthesizer(max_phonemes=..., max_frames=...)``,
+#: ``--max-phonemes``/``--max-frames``): phoneme ids per sequence (the text encoder's attention is quadratic in
+#: them; longer text is split with :func:`split_ids`) and predicted frames (checked before the alignment and
+#: the decoder are allocated; 10000 frames is about two minutes of audio at Piper's 86 frames per second).
+DEFAULT_MAX_PHONEMES = 500
+DEFAULT_MAX_FRAMES = 10000
+
 DecodeFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 class VoiceError(ValueError):
     """A voice, speaker, input or setting that cannot be used; the message names the problem."""
+
+
+def check_scales(noise_scale: float, length_scale: float, noise_scale_w: float) -> Dict[str, float]:
+    """The three ``infer`` scales as floats, or :class:`VoiceError` unless finite with ``length_scale > 0`` and
+    both noise scales ``>= 0``."""
+    from .guards import check_number
+
+    return dict(noise_scale=check_number("noise_scale", noise_scale, low=0, error=VoiceError),
+                length_scale=check_number("length_scale", length_scale, low=0, low_inclusive=False,
+                                          error=VoiceError),
+                noise_scale_w=check_number("noise_scale_w", noise_scale_w, low=0, error=VoiceError))
+
+
+def split_ids(ids: Sequence[int], max_ids: int, sentence_ends: Sequence[int] = (),
+              word_breaks: Sequence[int] = ()) -> List[List[int]]:
+    """Cut a phoneme-id sequence into consecutive pieces of at most ``max_ids`` ids, in order.
+
+    Each cut goes after the last sentence end (``sentence_ends``, e.g. Piper's ``$``) inside the window, else
+    after the last word break (e.g. the id of ``" "``), else at ``max_ids``. Concatenated, the pieces are ``ids``.
+    """
+    if max_ids < 1:
+        raise VoiceError(f"max_ids must be >= 1, got {max_ids}")
+    ids = list(ids)
+    ends, breaks = set(sentence_ends), set(word_breaks)
+    pieces: List[List[int]] = []
+    start = 0
+    while len(ids) - start > max_ids:
+        window = ids[start: start + max_ids]
+        cut = next((i + 1 for i in range(len(window) - 1, 0, -1) if window[i] in ends), None)
+        if cut is None:
+            cut = next((i + 1 for i in range(len(window) - 1, 0, -1) if window[i] in breaks), max_ids)
+        pieces.append(window[:cut])
+        start += cut
+    pieces.append(ids[start:])
+    return pieces
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -132,14 +174,16 @@ class Latent:
 
 def encode(model: SynthesizerTrn, x: torch.Tensor, x_lengths: torch.Tensor, sid: Optional[torch.Tensor] = None,
            noise_scale: float = DEFAULT_NOISE_SCALE, length_scale: float = DEFAULT_LENGTH_SCALE,
-           noise_scale_w: float = DEFAULT_NOISE_SCALE_W) -> Latent:
+           noise_scale_w: float = DEFAULT_NOISE_SCALE_W, max_frames: Optional[int] = None) -> Latent:
     """Text side of ``infer``: x [b, t_x] ids, x_lengths [b], sid [b] -> :class:`Latent`.
 
     Draws the same random numbers as ``model.infer`` with the same arguments, so with the same seed
-    ``decode(model, encode(model, ...))`` equals ``model.infer(...)[0]``.
+    ``decode(model, encode(model, ...))`` equals ``model.infer(...)[0]``. ``max_frames``: see
+    ``SynthesizerTrn.infer_latent``.
     """
     z, y_mask, g, _, _ = model.infer_latent(x, x_lengths, sid=sid, noise_scale=noise_scale,
-                                            length_scale=length_scale, noise_scale_w=noise_scale_w)
+                                            length_scale=length_scale, noise_scale_w=noise_scale_w,
+                                            max_frames=max_frames)
     return Latent(z * y_mask, y_mask, g)
 
 
@@ -380,11 +424,15 @@ class Synthesizer:
 
     ``fast=True`` decodes with a :class:`FastDecoder` (CUDA graphs + ``torch.compile``; ``fast_options`` are
     passed to it). It needs CUDA; on a CPU it warns and uses the reference decoder. Scales default to Piper's
-    (noise 0.667, length 1.0, noise_w 0.8).
+    (noise 0.667, length 1.0, noise_w 0.8) and must be finite (:func:`check_scales`). A sequence may have at
+    most ``max_phonemes`` ids (:func:`split_ids` cuts longer ones) and last at most ``max_frames`` frames;
+    beyond either, and for audio that comes out NaN/inf, a :class:`VoiceError` says so.
     """
 
     def __init__(self, model: SynthesizerTrn, *, device: Optional[Union[str, torch.device]] = None,
-                 fast: bool = False, fast_options: Optional[Mapping[str, Any]] = None, copy_model: bool = True):
+                 fast: bool = False, fast_options: Optional[Mapping[str, Any]] = None, copy_model: bool = True,
+                 max_phonemes: int = DEFAULT_MAX_PHONEMES, max_frames: int = DEFAULT_MAX_FRAMES):
+        self.max_phonemes, self.max_frames = int(max_phonemes), int(max_frames)
         self.model = prepare_for_inference(model, device=device, copy_model=copy_model)
         self.device = _module_device(self.model)
         self.hop = hop_length(self.model.dec)
@@ -425,6 +473,10 @@ class Synthesizer:
         return sid.to(self.device)
 
     def _check_ids(self, ids: torch.Tensor, index: int) -> None:
+        if ids.numel() > self.max_phonemes:
+            raise VoiceError(f"utterance {index} has {ids.numel()} phoneme ids, more than the limit of "
+                             f"{self.max_phonemes} per sequence; split it (vits_fast.inference.split_ids) or raise "
+                             f"max_phonemes")
         bad = ids[(ids < 0) | (ids >= self.model.n_vocab)]
         if bad.numel():
             raise VoiceError(f"utterance {index}: phoneme id {int(bad[0])} is outside the model's vocabulary "
@@ -438,20 +490,36 @@ class Synthesizer:
         ``audio[i, 0, :lengths[i]]`` is item i's audio, the same as synthesising it alone (exactly so with zero
         noise; with noise the random draws depend on the batch); the rest is silence.
         """
+        kw = dict(check_scales(noise_scale, length_scale, noise_scale_w), max_frames=self.max_frames)
         with torch.inference_mode():
             x, x_lengths = x.to(self.device), x_lengths.to(self.device)
             sid = self._sid(sid, x.size(0))
-            kw = dict(noise_scale=noise_scale, length_scale=length_scale, noise_scale_w=noise_scale_w)
+            latent = self._encode(x, x_lengths, sid, kw) if self.fast_decoder is not None or x.size(0) == 1 else None
             if self.fast_decoder is not None:
-                latent = encode(self.model, x, x_lengths, sid=sid, **kw)
                 audio, y_mask = self.fast_decoder(latent.z, latent.g, latent.y_mask), latent.y_mask
-            elif x.size(0) == 1:
+            elif latent is not None:
                 # One item has no padding: the unmasked decoder gives the same numbers without the mask products.
-                latent = encode(self.model, x, x_lengths, sid=sid, **kw)
                 audio, y_mask = self.model.dec(latent.z, g=latent.g), latent.y_mask
             else:
-                audio, _, y_mask, _ = self.model.infer(x, x_lengths, sid=sid, **kw)
+                try:
+                    audio, _, y_mask, _ = self.model.infer(x, x_lengths, sid=sid, **kw)
+                except ValueError as exc:  # over max_frames or non-finite durations
+                    raise VoiceError(str(exc)) from None
             return audio, y_mask.sum((1, 2)).long() * self.hop
+
+    def _encode(self, x: torch.Tensor, x_lengths: torch.Tensor, sid: Optional[torch.Tensor],
+                kw: Mapping[str, Any]) -> Latent:
+        try:
+            return encode(self.model, x, x_lengths, sid=sid, **kw)
+        except ValueError as exc:  # over max_frames or non-finite durations
+            raise VoiceError(str(exc)) from None
+
+    @staticmethod
+    def _finite(audio: torch.Tensor, index: int) -> torch.Tensor:
+        if not bool(torch.isfinite(audio).all()):
+            raise VoiceError(f"utterance {index}: the synthesised audio holds NaN/inf values (the model's weights "
+                             f"or the scales overflow)")
+        return audio
 
     def synthesize_ids(self, ids: Union[Sequence[int], torch.Tensor], speaker_id: Optional[int] = None,
                        **scales: float) -> torch.Tensor:
@@ -503,7 +571,7 @@ class Synthesizer:
                                            noise_scale_w=noise_scale_w)
                 audio = audio.float().cpu()
                 for row, i in enumerate(idx):
-                    results[i] = audio[row, 0, : int(n[row])].clone()
+                    results[i] = self._finite(audio[row, 0, : int(n[row])].clone(), i)
                 if bar is not None:
                     bar.update(len(idx))
         finally:
@@ -521,12 +589,12 @@ class Synthesizer:
         """
         x = _as_ids(ids, 0)
         self._check_ids(x, 0)
+        kw = dict(check_scales(noise_scale, length_scale, noise_scale_w), max_frames=self.max_frames)
         # inference_mode is entered per step, never held across a yield (it would leak into the caller's code)
         with torch.inference_mode():
             x = x.unsqueeze(0).to(self.device)
             sid = self._sid(None if speaker_id is None else [speaker_id], 1)
-            latent = encode(self.model, x, torch.tensor([x.size(1)], device=self.device), sid=sid,
-                            noise_scale=noise_scale, length_scale=length_scale, noise_scale_w=noise_scale_w)
+            latent = self._encode(x, torch.tensor([x.size(1)], device=self.device), sid, kw)
         chunks = stream_decode(self._decoder(), latent, self.hop, self.context, chunk_frames=chunk_frames,
                                first_chunk_frames=first_chunk_frames)
         while True:
@@ -534,7 +602,7 @@ class Synthesizer:
                 chunk = next(chunks, None)
                 if chunk is None:
                     return
-                audio = chunk[0, 0].float().cpu()
+                audio = self._finite(chunk[0, 0].float().cpu(), 0)
             yield audio
 
     def time_to_first_audio(self, ids: Union[Sequence[int], torch.Tensor], speaker_id: Optional[int] = None,
@@ -574,7 +642,7 @@ class Synthesizer:
                                      center=False).to(self.model.dec.conv_pre.weight.dtype)
             lengths = torch.tensor([spec.size(2)], device=self.device)
             out, _, _ = self.model.voice_conversion(spec, lengths, sids[:1], sids[1:])
-            return out[0, 0].float().cpu()
+            return self._finite(out[0, 0].float().cpu(), 0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -626,12 +694,19 @@ class Voice:
     def espeak_voice(self) -> str:
         return str(self.config.get("espeak", {}).get("voice") or "en-us")
 
-    def inference_scales(self) -> Dict[str, float]:
-        """(noise_scale, length_scale, noise_scale_w) from the config's ``inference`` section, else Piper's."""
+    def inference_scales(self, **overrides: Optional[float]) -> Dict[str, float]:
+        """(noise_scale, length_scale, noise_scale_w) from the config's ``inference`` section, else Piper's, with
+        ``overrides`` that are not None taking precedence; checked by :func:`check_scales`."""
         inf = self.config.get("inference") or {}
-        return dict(noise_scale=float(inf.get("noise_scale", DEFAULT_NOISE_SCALE)),
-                    length_scale=float(inf.get("length_scale", DEFAULT_LENGTH_SCALE)),
-                    noise_scale_w=float(inf.get("noise_w", DEFAULT_NOISE_SCALE_W)))
+        scales = dict(noise_scale=inf.get("noise_scale", DEFAULT_NOISE_SCALE),
+                      length_scale=inf.get("length_scale", DEFAULT_LENGTH_SCALE),
+                      noise_scale_w=inf.get("noise_w", DEFAULT_NOISE_SCALE_W))
+        scales.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return check_scales(**scales)
+        except VoiceError as exc:
+            raise VoiceError(f"{exc} (voice config {self.config_path or '(given)'}, section inference, or the "
+                             f"flag)") from None
 
     def speaker_id(self, speaker: Optional[Union[str, int]]) -> Optional[int]:
         """Resolve a speaker name (``speaker_id_map``) or number; None means the default (0 / single speaker)."""

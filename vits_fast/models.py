@@ -572,22 +572,27 @@ class SynthesizerTrn(nn.Module):
 
     def infer(self, x: torch.Tensor, x_lengths: torch.Tensor, sid: Optional[torch.Tensor] = None,
               noise_scale: float = 0.667, length_scale: float = 1, noise_scale_w: float = 0.8,
-              max_len: Optional[int] = None):
+              max_len: Optional[int] = None, max_frames: Optional[int] = None):
         """Synthesis: x [b, t_x] ids, x_lengths [b] -> (audio [b, 1, samples], attn [b, 1, t_y, t_x],
         y_mask [b, 1, t_y], (z, z_p, m_p, logs_p)).
 
         Each item of a padded batch decodes as it would alone (the decoder is masked), and its audio past
         ``y_mask.sum() * hop`` samples is silence. For a batch of one this is upstream's result exactly; upstream
-        lets the padding of shorter items leak into their last samples."""
+        lets the padding of shorter items leak into their last samples. ``max_frames``: see :meth:`infer_latent`."""
         z, y_mask, g, attn, (z_p, m_p, logs_p) = self.infer_latent(x, x_lengths, sid, noise_scale, length_scale,
-                                                                   noise_scale_w)
+                                                                   noise_scale_w, max_frames=max_frames)
         with stage("decoder"):
             o = self.dec((z * y_mask)[:, :, :max_len], g=g, x_mask=y_mask[:, :, :max_len])
         return o, attn, y_mask, (z, z_p, m_p, logs_p)
 
     def infer_latent(self, x: torch.Tensor, x_lengths: torch.Tensor, sid: Optional[torch.Tensor] = None,
-                     noise_scale: float = 0.667, length_scale: float = 1, noise_scale_w: float = 0.8):
+                     noise_scale: float = 0.667, length_scale: float = 1, noise_scale_w: float = 0.8,
+                     max_frames: Optional[int] = None):
         """The text side of :meth:`infer` (encoder, durations, flow), drawing the same random numbers.
+
+        ``max_frames`` (None: no limit, upstream's behaviour) bounds the predicted length before the mask and the
+        [b, 1, t_y, t_x] alignment are allocated: a longer or non-finite prediction raises ValueError. No host
+        read is added (the check uses the mask's shape); not for tracing/export.
 
         Returns (z [b, c, t_y], y_mask [b, 1, t_y], g [b, gin, 1] or None, attn [b, 1, t_y, t_x],
         (z_p, m_p, logs_p)); ``self.dec(z * y_mask, g=g, x_mask=y_mask)`` is then ``infer``'s audio.
@@ -604,9 +609,15 @@ class SynthesizerTrn(nn.Module):
                 logw = self.dp(x, x_mask, g=g)
             w = torch.exp(logw) * x_mask * length_scale
             w_ceil = torch.ceil(w)
-            y_lengths = torch.clamp_min(torch.sum(w_ceil, [1, 2]), 1).long()
+            frames = torch.sum(w_ceil, [1, 2])
+            if max_frames is not None:  # too long or NaN/inf -> max_frames + 1 (refused below): bounded mask
+                frames = torch.where(torch.isfinite(frames), frames, max_frames + 1.0).clamp(max=max_frames + 1)
+            y_lengths = torch.clamp_min(frames, 1).long()
             # The one host synchronisation of synthesis: the output length sizes everything after it.
             y_mask = torch.unsqueeze(commons.sequence_mask(y_lengths, y_lengths.max()), 1).type_as(x_mask)
+            if max_frames is not None and y_mask.size(2) > max_frames:
+                raise ValueError(f"the predicted length exceeds the limit of {max_frames} frames or is not finite "
+                                 f"(lower length_scale or split the text)")
             attn_mask = torch.unsqueeze(x_mask, 2) * torch.unsqueeze(y_mask, -1)
             attn = commons.generate_path(w_ceil, attn_mask)
 

@@ -9,10 +9,13 @@ Examples::
     python -m vits_fast.synthesize --checkpoint multi.ckpt --convert in.wav --from-speaker alice --to-speaker bob \\
         --output out.wav
 
-Text comes from the arguments, ``--text-file`` or stdin, one utterance per line (blank lines are skipped);
-``--phoneme-ids`` reads space- or comma-separated phoneme ids instead. The checkpoint is one of ours or Piper's
-``.ckpt``; its ``config.json`` (phoneme map, speakers, sample rate, inference scales) is found beside it or given
-with ``--config``. Output: WAV files (16-bit, soundfile) or raw 16-bit little-endian mono PCM on stdout.
+Text comes from the arguments, ``--text-file`` or stdin (UTF-8), one utterance per line (blank lines are
+skipped); ``--phoneme-ids`` reads space- or comma-separated phoneme ids instead. An utterance longer than
+``--max-phonemes`` ids is cut at sentence ends (else word breaks) and its pieces are synthesised in order into
+the same output; a piece longer than ``--max-frames`` frames (e.g. from a huge ``--length-scale``) is an error.
+The checkpoint is one of ours or Piper's ``.ckpt``; its ``config.json`` (phoneme map, speakers, sample rate,
+inference scales) is found beside it or given with ``--config``. Output: WAV files (16-bit, soundfile) or raw
+16-bit little-endian mono PCM on stdout; no output may replace an input.
 
 Exit status: 0 on success, 1 for a problem with the inputs (the message names it), 2 for bad arguments.
 """
@@ -25,12 +28,14 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterable, List, Optional, Sequence
+from typing import BinaryIO, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .inference import Synthesizer, Voice, VoiceError, load_voice
+from .guards import OverwriteError, TextLineError, check_number, decode_line, number, refuse_overwrite
+from .inference import (DEFAULT_MAX_FRAMES, DEFAULT_MAX_PHONEMES, Synthesizer, Voice, VoiceError, load_voice,
+                        split_ids)
 
 _LOGGER = logging.getLogger("vits_fast.synthesize")
 _DESCRIPTION = __doc__.split("\n\n")[0].replace("``", "")
@@ -41,23 +46,30 @@ _IDS_SPLIT = re.compile(r"[\s,]+")
 # Input
 # --------------------------------------------------------------------------------------------------------
 
-def read_utterances(args: argparse.Namespace, stdin: Iterable[str]) -> List[str]:
-    """Non-blank lines of the text arguments, the text file, or stdin (in that order of preference)."""
+def read_utterances(args: argparse.Namespace, stdin: Iterable[Union[str, bytes]]) -> List[str]:
+    """Non-blank lines of the text arguments, the text file, or stdin (in that order of preference).
+
+    Lines must be UTF-8 text: undecodable bytes and control bytes (binary input) are a :class:`VoiceError`
+    naming the line."""
     if args.text and args.text_file:
         raise VoiceError("give the text either as arguments or with --text-file, not both")
     if args.text:
         source = " ".join(args.text)
         if not source.strip():
             raise VoiceError("the text is empty")
-        lines = source.splitlines()
+        where, raw = "the text", source.split("\n")
     elif args.text_file:
         path = Path(args.text_file)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
+            where, raw = f"text file {path}", path.read_bytes().splitlines()
+        except OSError as exc:
             raise VoiceError(f"cannot read text file {path}: {exc}") from None
     else:
-        lines = [line.rstrip("\n") for line in stdin]
+        where, raw = "standard input", stdin
+    try:
+        lines = [decode_line(line, n, where) for n, line in enumerate(raw, 1)]
+    except TextLineError as exc:
+        raise VoiceError(str(exc)) from None
     utterances = [line.strip() for line in lines if line.strip()]
     if not utterances:
         raise VoiceError("no text to synthesise: the input is empty")
@@ -122,10 +134,15 @@ def to_int16(audio: np.ndarray, normalize: bool) -> np.ndarray:
 
 
 class Sink:
-    """Where audio goes: one WAV file, numbered WAV files in a folder, or raw PCM on a binary stream."""
+    """Where audio goes: one WAV file, numbered WAV files in a folder, or raw PCM on a binary stream.
+
+    An utterance is written piece by piece (:meth:`open`, :meth:`add` per piece, :meth:`close`), so a long text
+    never has to be held whole; ``--normalize`` scales each piece, as Piper scales each sentence. No output path
+    may name one of ``inputs`` (:func:`vits_fast.guards.refuse_overwrite`).
+    """
 
     def __init__(self, args: argparse.Namespace, sample_rate: int, count: int, stdout: BinaryIO,
-                 names: Optional[List[str]] = None, inputs: Sequence[Path] = ()):
+                 names: Optional[List[str]] = None, inputs: Sequence[Optional[Union[str, Path]]] = ()):
         if args.output and count != 1:
             raise VoiceError(f"--output writes one file but there are {count} utterances; use --output-dir")
         self.sample_rate = sample_rate
@@ -138,24 +155,39 @@ class Sink:
         elif args.output_dir:
             folder = Path(args.output_dir)
             self.paths = [folder / f"{name}.wav" for name in (names or [f"{i:04d}" for i in range(count)])]
-        resolved_inputs = {p.resolve() for p in inputs}
-        for path in self.paths:
-            if path.resolve() in resolved_inputs:
-                raise VoiceError(f"refusing to overwrite the input file {path}; choose another output")
+        refuse_overwrite(self.paths, inputs)
+        self._file = None
 
-    def write(self, index: int, audio: np.ndarray) -> None:
+    def open(self, index: int) -> None:
         if self.raw:
-            self.write_chunk(audio)
             return
         import soundfile as sf
 
         path = self.paths[index]
         path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(path), to_int16(audio, self.normalize), self.sample_rate, subtype="PCM_16")
+        self._file = sf.SoundFile(str(path), "w", samplerate=self.sample_rate, channels=1, subtype="PCM_16",
+                                  format="WAV")
 
-    def write_chunk(self, audio: np.ndarray) -> None:
-        self.stdout.write(to_int16(audio, self.normalize).tobytes())
-        self.stdout.flush()
+    def add(self, audio: np.ndarray) -> None:
+        pcm = to_int16(audio, self.normalize)
+        if self._file is not None:
+            self._file.write(pcm)
+        else:
+            self.stdout.write(pcm.tobytes())
+            self.stdout.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def write(self, index: int, audio: np.ndarray) -> None:
+        """One whole utterance."""
+        self.open(index)
+        try:
+            self.add(audio)
+        finally:
+            self.close()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -184,10 +216,18 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--length-scale", type=float, help="default: the config's inference.length_scale, else 1.0")
     syn.add_argument("--noise-w", type=float, help="default: the config's inference.noise_w, else 0.8")
     syn.add_argument("--batch-size", type=int, default=8, help="utterances per batch (default 8)")
+    syn.add_argument("--max-phonemes", type=number(int, low=1), default=DEFAULT_MAX_PHONEMES,
+                     help=f"longest phoneme-id sequence synthesised at once; longer utterances are cut at sentence "
+                          f"ends and spoken piece by piece (default {DEFAULT_MAX_PHONEMES})")
+    syn.add_argument("--max-frames", type=number(int, low=1), default=DEFAULT_MAX_FRAMES,
+                     help=f"longest audio of one piece, in frames (hop-size steps), checked before memory is "
+                          f"allocated (default {DEFAULT_MAX_FRAMES}, about 2 min at 22.05 kHz)")
     syn.add_argument("--no-progress", action="store_true", help="no progress bar")
     syn.add_argument("--stream", action="store_true", help="stream each utterance in chunks (with --output-raw)")
-    syn.add_argument("--chunk-frames", type=int, default=64, help="frames per streamed chunk (default 64)")
-    syn.add_argument("--first-chunk-frames", type=int, default=16, help="frames of the first chunk (default 16)")
+    syn.add_argument("--chunk-frames", type=number(int, low=1), default=64,
+                     help="frames per streamed chunk (default 64)")
+    syn.add_argument("--first-chunk-frames", type=number(int, low=1), default=16,
+                     help="frames of the first chunk (default 16)")
     syn.add_argument("--fast", action="store_true", help="CUDA graphs + torch.compile decoder (CUDA only)")
     syn.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     syn.add_argument("--seed", type=int, help="random seed (default: not seeded)")
@@ -205,10 +245,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise VoiceError("choose exactly one of --output FILE, --output-dir DIR and --output-raw")
     if args.batch_size < 1:
         raise VoiceError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.length_scale is not None and args.length_scale <= 0:
-        raise VoiceError(f"--length-scale must be positive, got {args.length_scale}")
-    if (args.noise_scale is not None and args.noise_scale < 0) or (args.noise_w is not None and args.noise_w < 0):
-        raise VoiceError("--noise-scale and --noise-w must not be negative")
+    for flag, value, strict in (("--noise-scale", args.noise_scale, False), ("--length-scale", args.length_scale, True),
+                                ("--noise-w", args.noise_w, False)):
+        if value is not None:
+            check_number(flag, value, low=0, low_inclusive=not strict, error=VoiceError)
+    if args.output and Path(args.output).suffix.lower() != ".wav":
+        raise VoiceError(f"--output writes a WAV file: its name must end in .wav, got {args.output}")
     if args.convert:
         if args.text or args.text_file:
             raise VoiceError("--convert converts recordings; it takes no text")
@@ -227,15 +269,14 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _scales(args: argparse.Namespace, voice: Voice) -> Dict[str, float]:
-    """The config's inference scales (else Piper's), overridden by the flags."""
-    scales = voice.inference_scales()
-    for arg, key in (("noise_scale", "noise_scale"), ("length_scale", "length_scale"), ("noise_w", "noise_scale_w")):
-        value = getattr(args, arg)
-        if value is not None:
-            scales[key] = float(value)
-    if scales["length_scale"] <= 0 or scales["noise_scale"] < 0 or scales["noise_scale_w"] < 0:
-        raise VoiceError(f"the voice config's inference scales are invalid: {scales}")
-    return scales
+    """The config's inference scales (else Piper's), overridden by the flags, checked."""
+    return voice.inference_scales(noise_scale=args.noise_scale, length_scale=args.length_scale,
+                                  noise_scale_w=args.noise_w)
+
+
+def _inputs(args: argparse.Namespace, voice: Voice) -> List[Optional[Union[str, Path]]]:
+    """Every file the command reads (no output may replace one)."""
+    return [args.checkpoint, voice.config_path, args.text_file, *(args.convert or [])]
 
 
 def _convert(args: argparse.Namespace, voice: Voice, synth: Synthesizer, stdout: BinaryIO) -> None:
@@ -245,7 +286,8 @@ def _convert(args: argparse.Namespace, voice: Voice, synth: Synthesizer, stdout:
         raise VoiceError(f"voice conversion needs a multi-speaker model; {voice.checkpoint} has a single speaker")
     src, tgt = voice.speaker_id(args.from_speaker), voice.speaker_id(args.to_speaker)
     inputs = [Path(p) for p in args.convert]
-    sink = Sink(args, voice.sample_rate, len(inputs), stdout, names=[p.stem for p in inputs], inputs=inputs)
+    sink = Sink(args, voice.sample_rate, len(inputs), stdout, names=[p.stem for p in inputs],
+                inputs=_inputs(args, voice))
     audio_cfg = dataclasses.replace(voice.audio, sample_rate=voice.sample_rate)
     for i, path in enumerate(inputs):
         try:
@@ -255,35 +297,52 @@ def _convert(args: argparse.Namespace, voice: Voice, synth: Synthesizer, stdout:
         sink.write(i, synth.convert(torch.from_numpy(audio), audio_cfg, src, tgt).numpy())
 
 
-def _synthesize(args: argparse.Namespace, voice: Voice, synth: Synthesizer, stdin: Iterable[str],
+def _pieces(ids: Sequence[List[int]], voice: Voice, max_ids: int) -> List[Tuple[int, List[int]]]:
+    """(utterance index, ids) for every piece of every utterance, in order (:func:`split_ids` at the voice's
+    sentence ends ``$``, else its word breaks ``" "``)."""
+    id_map = voice.phoneme_id_map
+    ends, breaks = id_map.get("$", []), id_map.get(" ", [])
+    return [(u, piece) for u, seq in enumerate(ids) for piece in split_ids(seq, max_ids, ends, breaks)]
+
+
+def _synthesize(args: argparse.Namespace, voice: Voice, synth: Synthesizer, stdin: Iterable[Union[str, bytes]],
                 stdout: BinaryIO) -> None:
     scales = _scales(args, voice)
     speaker = voice.speaker_id(args.speaker)
     utterances = read_utterances(args, stdin)
-    sink = Sink(args, voice.sample_rate, len(utterances), stdout)
+    sink = Sink(args, voice.sample_rate, len(utterances), stdout, inputs=_inputs(args, voice))
     ids = to_phoneme_ids(utterances, voice, phoneme_ids=args.phoneme_ids, skip_unknown=args.skip_unknown)
+    pieces = _pieces(ids, voice, args.max_phonemes)
     if args.stream:
-        for seq in ids:
+        for _, seq in pieces:
             for chunk in synth.stream(seq, speaker, chunk_frames=args.chunk_frames,
                                       first_chunk_frames=args.first_chunk_frames, **scales):
-                sink.write_chunk(chunk.numpy())
+                sink.add(chunk.numpy())
         return
     bar = None
     if not args.no_progress and len(ids) > 1:
         from tqdm import tqdm
 
         bar = tqdm(total=len(ids), unit="utt", desc="synthesising", file=sys.stderr)
-    # Groups of several batches: sorted by length inside, written before the next group starts.
+    # Groups of several batches: sorted by length inside; each utterance is written piece by piece as its
+    # pieces come out, and closed after its last one.
     group = args.batch_size * 16
     try:
-        for start in range(0, len(ids), group):
-            chunk_ids = ids[start: start + group]
-            audios = synth.synthesize_batch(chunk_ids, speaker, batch_size=args.batch_size, **scales)
-            for offset, audio in enumerate(audios):
-                sink.write(start + offset, audio.numpy())
-            if bar is not None:
-                bar.update(len(chunk_ids))
+        for start in range(0, len(pieces), group):
+            chunk = pieces[start: start + group]
+            audios = synth.synthesize_batch([seq for _, seq in chunk], speaker, batch_size=args.batch_size,
+                                            **scales)
+            for offset, ((utt, _), audio) in enumerate(zip(chunk, audios)):
+                index = start + offset
+                if index == 0 or pieces[index - 1][0] != utt:
+                    sink.open(utt)
+                sink.add(audio.numpy())
+                if index + 1 == len(pieces) or pieces[index + 1][0] != utt:
+                    sink.close()
+                    if bar is not None:
+                        bar.update(1)
     finally:
+        sink.close()
         if bar is not None:
             bar.close()
 
@@ -295,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[Iterable[str]]
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    stdin = sys.stdin if stdin is None else stdin
+    stdin = sys.stdin.buffer if stdin is None else stdin  # bytes: decoded line by line, errors name the line
     stdout = sys.stdout.buffer if stdout is None else stdout
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -307,14 +366,15 @@ def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[Iterable[str]]
             raise VoiceError("--device cuda was given but CUDA is not available here")
         _check_args(args)
         voice = load_voice(args.checkpoint, args.config)
-        synth = Synthesizer(voice.model, device=device, fast=args.fast, copy_model=False)
+        synth = Synthesizer(voice.model, device=device, fast=args.fast, copy_model=False,
+                            max_phonemes=args.max_phonemes, max_frames=args.max_frames)
         if args.seed is not None:  # after building the model, whose initialisation draws random numbers
             torch.manual_seed(args.seed)
         if args.convert:
             _convert(args, voice, synth, stdout)
         else:
             _synthesize(args, voice, synth, stdin, stdout)
-    except (VoiceError, CheckpointError) as exc:
+    except (VoiceError, CheckpointError, OverwriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # writing the output

@@ -46,6 +46,7 @@ from . import checkpoint as ckpt_lib
 from .commons import slice_segments
 from .convert import load_checkpoint_or_voice
 from .config import AudioConfig, PRESETS, model_kwargs as preset_model_kwargs, tiny_model_kwargs
+from .guards import OverwriteError, number, refuse_overwrite, same_file
 from .data import (CORPUS_DIR, Batch, BucketBatchSampler, Collate, DataError, Phonemizer, TTSDataset,
                    default_phoneme_id_map, prepare_items, read_dataset, report_problems, split_items)
 from .inference import DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W
@@ -79,38 +80,45 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", "--dataset-dir", dest="dataset", type=Path, default=None,
                    help="LJSpeech folder (metadata.csv + wavs/), Piper preprocessed folder (config.json + "
                         "dataset.jsonl) or one of those files; default: the embedded demo corpus")
-    d.add_argument("--output-dir", type=Path, default=Path("runs/default"))
+    d.add_argument("--output-dir", type=Path, default=Path("runs/default"),
+                   help="where the run writes; a folder holding another run's checkpoints is refused unless "
+                        "--resume continues that run or --overwrite is given")
     d.add_argument("--cache-dir", type=Path, default=None, help="spectrogram cache (default: OUTPUT/cache)")
-    d.add_argument("--sample-rate", type=int, default=None,
+    d.add_argument("--sample-rate", type=number(int, low=1000, high=384000), default=None,
                    help="default: the dataset's config.json, else 16000 for x-low/tiny and 22050 otherwise")
     d.add_argument("--single-speaker", action="store_true", help="ignore the speaker column")
     d.add_argument("--phonemizer", choices=("auto", "espeak", "characters"), default="auto",
                    help="auto: piper-tts's espeak-ng if installed, else characters (with a warning)")
     d.add_argument("--espeak-voice", default=None, help="default: the dataset config's, else en-us")
-    d.add_argument("--max-phoneme-ids", type=int, default=None, help="leave out longer utterances (logged)")
+    d.add_argument("--max-phoneme-ids", type=number(int, low=1), default=None, help="leave out longer utterances (logged)")
     d.add_argument("--on-bad-item", choices=("skip", "fail"), default="skip",
                    help="missing/corrupt/empty items: skip them (each is logged by name) or stop")
-    d.add_argument("--num-workers", type=int, default=None,
+    d.add_argument("--num-workers", type=number(int, low=0), default=None,
                    help="data worker processes (default: min(4, cpus) for caching and for CUDA training, 0 for "
                         "CPU training)")
     d.add_argument("--pin-memory", choices=("auto", "yes", "no"), default="auto")
-    d.add_argument("--validation-split", type=float, default=0.05)
-    d.add_argument("--num-test-examples", type=int, default=2, help="items synthesised as WAV at validation")
+    d.add_argument("--validation-split", type=number(float, low=0, high=0.9), default=0.05)
+    d.add_argument("--num-test-examples", type=number(int, low=0), default=2, help="items synthesised as WAV at validation")
     m = p.add_argument_group("model")
     m.add_argument("--quality", choices=("tiny",) + tuple(PRESETS), default=None,
                    help="Piper preset (default: tiny on the demo corpus, medium otherwise)")
-    m.add_argument("--segment-size", type=int, default=None, help="training window in samples (Piper: 8192)")
+    m.add_argument("--segment-size", type=number(int, low=1), default=None, help="training window in samples (Piper: 8192)")
     m.add_argument("--init-from", type=Path, default=None,
                    help="warm start from a Piper/vits_fast .ckpt or a Piper .onnx voice (weights only; "
                         "architecture from the file)")
     m.add_argument("--resume", default=None, help="continue a run: a .ckpt path, or 'auto' for OUTPUT's last.ckpt")
+    m.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --output-dir that holds another run's checkpoints (files of the "
+                        "same name, such as last.ckpt and config.json, are replaced; its other checkpoints are kept)")
     t = p.add_argument_group("training")
-    t.add_argument("--batch-size", type=int, default=None, help="per process (default: 8 tiny, 32 otherwise)")
-    t.add_argument("--max-steps", type=int, default=None, help="default: 150 on the demo corpus, unlimited otherwise")
-    t.add_argument("--max-epochs", type=int, default=None)
-    t.add_argument("--learning-rate", type=float, default=2e-4)
-    t.add_argument("--lr-decay", type=float, default=0.999875, help="ExponentialLR gamma, stepped per epoch")
-    t.add_argument("--grad-clip", type=float, default=None, help="clip each model's gradient norm to this")
+    t.add_argument("--batch-size", type=number(int, low=1), default=None, help="per process (default: 8 tiny, 32 otherwise)")
+    t.add_argument("--max-steps", type=number(int, low=0), default=None, help="default: 150 on the demo corpus, unlimited otherwise")
+    t.add_argument("--max-epochs", type=number(int, low=0), default=None)
+    t.add_argument("--learning-rate", type=number(float, low=0, high=10, low_inclusive=False), default=2e-4)
+    t.add_argument("--lr-decay", type=number(float, low=0, high=1, low_inclusive=False), default=0.999875,
+                   help="ExponentialLR gamma, stepped per epoch")
+    t.add_argument("--grad-clip", type=number(float, low=0, low_inclusive=False), default=None,
+                   help="clip each model's gradient norm to this")
     t.add_argument("--precision", choices=("32", "bf16", "16"), default="32")
     t.add_argument("--compile", choices=COMPILE_MODES, default="off",
                    help="torch.compile the decoder and discriminator (fixed-size windows, so they compile once "
@@ -120,18 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile backend for --compile (inductor; aot_eager to debug a compile problem)")
     t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
                    help="a NaN/inf loss skips that update (logged) or stops training")
-    t.add_argument("--max-nonfinite", type=int, default=25, help="stop after this many consecutive skipped steps")
+    t.add_argument("--max-nonfinite", type=number(int, low=1), default=25,
+                   help="stop after this many consecutive steps with a non-finite loss (skipped updates leave "
+                        "the weights as they were; NaN/inf weights are never saved)")
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     t.add_argument("--find-unused-parameters", choices=("auto", "yes", "no"), default="auto",
                    help="DDP: auto probes one batch for parameters without gradient")
-    t.add_argument("--dist-timeout-min", type=float, default=120.0,
+    t.add_argument("--dist-timeout-min", type=number(float, low=0, low_inclusive=False), default=120.0,
                    help="collective timeout (rank 0 may build the cache meanwhile)")
     o = p.add_argument_group("output")
-    o.add_argument("--log-every", type=int, default=10)
-    o.add_argument("--val-every", type=int, default=None, help="steps (default: 50 on the demo, else 1000)")
-    o.add_argument("--checkpoint-every", type=int, default=None, help="steps (default: 50 on the demo, else 1000)")
-    o.add_argument("--keep-checkpoints", type=int, default=3)
+    o.add_argument("--log-every", type=number(int, low=1), default=10)
+    o.add_argument("--val-every", type=number(int, low=1), default=None,
+                   help="steps (default: 50 on the demo, else 1000)")
+    o.add_argument("--checkpoint-every", type=number(int, low=1), default=None,
+                   help="steps (default: 50 on the demo, else 1000)")
+    o.add_argument("--keep-checkpoints", type=number(int, low=1), default=3,
+                   help="newest step checkpoints of this run to keep (older ones it wrote are deleted; files it "
+                        "did not write never are)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     o.add_argument("--no-samples", action="store_true", help="skip synthesising WAVs at validation")
     return p
@@ -251,11 +265,36 @@ class Trainer:
             args.dataset = CORPUS_DIR
         self.out = Path(args.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        self._check_outputs()  # before anything is written
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.log = _JsonlLog(self.out / "train_log.jsonl" if self.is_main else None)
         self.history: List[Dict[str, Any]] = []
         self.nonfinite_skipped = 0
+        self.written: List[Path] = []  # step checkpoints this run wrote, oldest first (the only ones rotated)
+
+    def _check_outputs(self) -> None:
+        """Refuse (:class:`vits_fast.guards.OverwriteError`) a fresh run into a folder holding another run's
+        checkpoints without ``--overwrite``, and any output file that is one of the run's inputs."""
+        args = self.args
+        resume = self._resolve_resume()
+        existing = sorted(p.name for p in self.ckpt_dir.glob("*.ckpt")) if self.ckpt_dir.is_dir() else []
+        continuing = resume is not None and same_file(resume.parent, self.ckpt_dir)
+        if existing and not continuing and not args.overwrite:
+            shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
+            raise OverwriteError(
+                f"{self.ckpt_dir} already holds the checkpoints of another run ({shown}); nothing was written. "
+                f"Continue that run with --resume auto (or --resume PATH), start afresh there with --overwrite "
+                f"(files of the same name, such as last.ckpt, are replaced; its other checkpoints are kept), or "
+                f"choose another --output-dir")
+        if args.init_from is not None and same_file(Path(args.init_from).parent, self.ckpt_dir):
+            raise OverwriteError(f"--init-from {args.init_from} is inside this run's checkpoint folder, where the run "
+                                 f"writes its own checkpoints; copy it elsewhere or choose another --output-dir")
+        data = Path(args.dataset)
+        folder = data.parent if data.is_file() else data
+        inputs = [data, folder / "config.json", folder / "metadata.csv", folder / "dataset.jsonl", args.init_from]
+        outputs = [self.out / name for name in ("config.json", "train_log.jsonl", "bad_items.tsv")]
+        refuse_overwrite(outputs + [self.ckpt_dir / "last.ckpt"], inputs)
 
     # -- setup -------------------------------------------------------------------------------------------
     def _resolve_resume(self) -> Optional[Path]:
@@ -313,6 +352,8 @@ class Trainer:
         elif kwargs["n_speakers"] != num_speakers and not (kwargs["n_speakers"] >= num_speakers > 1):
             raise DataError(f"--resume: the checkpoint has {kwargs['n_speakers']} speaker(s), the dataset "
                             f"{num_speakers}; use --init-from to warm start on a different speaker set")
+        # Sizes from the dataset config (vocabulary, speakers) or the checkpoint, bounded before allocation.
+        ckpt_lib.check_model_config(kwargs, audio, name=f"the model for {args.dataset}")
         self.quality, self.audio, self.model_kwargs, self.info = quality, audio, kwargs, info
         self.num_speakers = kwargs["n_speakers"]
 
@@ -389,26 +430,46 @@ class Trainer:
                          "" if d else "; no discriminator in the file (fresh one)")
 
     def _restore(self, ckpt: Dict[str, Any], path: Path) -> None:
+        """Continue from ``ckpt``: weights, optimizers, schedulers, counters, RNG and grad scaler. A field that
+        cannot be used is a :class:`vits_fast.checkpoint.CheckpointError` naming it."""
         g, d = ckpt_lib.generator_state(ckpt)
         ckpt_lib.load_weights(self.model_g, g, f"{path} (generator)")
         if d:
             ckpt_lib.load_weights(self.model_d, d, f"{path} (discriminator)")
+        extra = ckpt.get("vits_fast") or {}
+        counters = {"epoch": ckpt.get("epoch", 0), "global_step": ckpt.get("global_step", 0),
+                    "batch_in_epoch": extra.get("batch_in_epoch", 0) if isinstance(extra, dict) else None}
+        for name, value in counters.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ckpt_lib.CheckpointError(f"--resume {path}: {name} must be a non-negative integer, got "
+                                               f"{value!r}")
+        batches = self.sampler.batches_per_epoch()
+        if counters["batch_in_epoch"] >= batches:
+            raise ckpt_lib.CheckpointError(f"--resume {path}: batch_in_epoch {counters['batch_in_epoch']} is beyond "
+                                           f"the {batches} batches of an epoch here (another dataset or "
+                                           f"--batch-size?)")
+
+        def restore(name: str, load: Any) -> None:
+            try:
+                load()
+            except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+                raise ckpt_lib.CheckpointError(f"--resume {path}: its {name} cannot be restored "
+                                               f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+
         opt_states = ckpt.get("optimizer_states") or []
         if len(opt_states) == 2:
-            self.optim_g.load_state_dict(opt_states[0])
-            self.optim_d.load_state_dict(opt_states[1])
+            restore("optimizer_states", lambda: (self.optim_g.load_state_dict(opt_states[0]),
+                                                 self.optim_d.load_state_dict(opt_states[1])))
         scheds = ckpt.get("lr_schedulers") or []
         if len(scheds) == 2:
-            self.sched_g.load_state_dict(scheds[0])
-            self.sched_d.load_state_dict(scheds[1])
-        extra = ckpt.get("vits_fast") or {}
-        self.epoch = int(ckpt.get("epoch", 0))
-        self.global_step = int(ckpt.get("global_step", 0))
-        self.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
+            restore("lr_schedulers", lambda: (self.sched_g.load_state_dict(scheds[0]),
+                                              self.sched_d.load_state_dict(scheds[1])))
+        self.epoch, self.global_step, self.batch_in_epoch = (counters["epoch"], counters["global_step"],
+                                                             counters["batch_in_epoch"])
         if "grad_scaler" in extra and self.scaler.is_enabled():
-            self.scaler.load_state_dict(extra["grad_scaler"])
+            restore("grad_scaler", lambda: self.scaler.load_state_dict(extra["grad_scaler"]))
         if "rng" in extra and self.rank == 0:
-            ckpt_lib.set_rng_state(extra["rng"])
+            restore("rng state", lambda: ckpt_lib.set_rng_state(extra["rng"]))
         else:
             torch.manual_seed(self.args.seed + self.rank + 7919 * self.global_step)
         if self.is_main:
@@ -590,9 +651,16 @@ class Trainer:
             x = torch.as_tensor(it.phoneme_ids, dtype=torch.long, device=self.device).unsqueeze(0)
             x_len = torch.tensor([x.size(1)], device=self.device)
             sid = torch.tensor([int(it.speaker_id or 0)], device=self.device) if self.num_speakers > 1 else None
-            wav = self.model_g.infer(x, x_len, sid=sid, noise_scale=DEFAULT_NOISE_SCALE,
-                                     length_scale=DEFAULT_LENGTH_SCALE, noise_scale_w=DEFAULT_NOISE_SCALE_W,
-                                     max_len=max_frames)[0].float().reshape(-1).cpu()
+            try:  # a young or diverging model can predict absurd durations: bounded before allocation
+                wav = self.model_g.infer(x, x_len, sid=sid, noise_scale=DEFAULT_NOISE_SCALE,
+                                         length_scale=DEFAULT_LENGTH_SCALE, noise_scale_w=DEFAULT_NOISE_SCALE_W,
+                                         max_len=max_frames, max_frames=10 * max_frames)[0].float().reshape(-1).cpu()
+            except ValueError as exc:
+                _LOGGER.warning("sample %s not written: %s", it.id, exc)
+                continue
+            if not bool(torch.isfinite(wav).all()):
+                _LOGGER.warning("sample %s not written: its audio holds NaN/inf values", it.id)
+                continue
             wav = wav / max(0.01, float(wav.abs().max()))
             path = folder / f"{it.id}.wav"
             sf.write(str(path), wav.numpy(), self.audio.sample_rate, subtype="PCM_16")
@@ -612,6 +680,7 @@ class Trainer:
         """Write ``epoch=E-step=S.ckpt`` and ``last.ckpt`` (rank 0 only); keep the newest ``--keep-checkpoints``."""
         if not self.is_main:
             return None
+        self._check_weights_finite()
         extra = {"model_kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model_kwargs.items()},
                  "audio": self.audio.to_dict(), "quality": self.quality, "batch_in_epoch": self.batch_in_epoch,
                  "rng": ckpt_lib.rng_state(), "speaker_id_map": self.info.speaker_id_map,
@@ -627,12 +696,22 @@ class Trainer:
         tmp = self.ckpt_dir / "last.ckpt.tmp"
         shutil.copyfile(path, tmp)
         os.replace(tmp, last)
-        olds = sorted((p for p in self.ckpt_dir.glob("epoch=*-step=*.ckpt") if p != path),
-                      key=lambda p: p.stat().st_mtime)
-        for old in olds[: max(0, len(olds) - (self.args.keep_checkpoints - 1))]:
-            old.unlink()
+        if path not in self.written:
+            self.written.append(path)
+        while len(self.written) > self.args.keep_checkpoints:  # only checkpoints this run wrote
+            self.written.pop(0).unlink(missing_ok=True)
         _LOGGER.info("saved %s", path)
         return path
+
+    def _check_weights_finite(self) -> None:
+        """Refuse to save NaN/inf weights (one host read per checkpoint): the last good checkpoints stay."""
+        named = list(self.model_g.named_parameters()) + list(self.model_d.named_parameters())
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+        if not bool(finite.all()):
+            names = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+            raise NonFiniteLossError(f"the weights became non-finite by step {self.global_step} ({len(names)} "
+                                     f"tensor(s), e.g. {names[0]}); nothing was saved, the checkpoints written "
+                                     f"before are kept in {self.ckpt_dir}")
 
     # -- loop --------------------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
@@ -757,6 +836,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, NonFiniteLossError, ckpt_lib.CheckpointError) as exc:
+    except (DataError, NonFiniteLossError, ckpt_lib.CheckpointError, OverwriteError) as exc:
         logging.getLogger("vits_fast.train").error("%s", exc)
         sys.exit(1)
