@@ -240,3 +240,15 @@ def test_espeak_phonemizer_reproduces_corpus_ids_when_installed():
     for row in rows:
         _, _, text, ids = row.split("|")
         assert ph(text) == [int(i) for i in ids.split()]
+
+
+def test_character_voice_keeps_characters_without_warning(monkeypatch, caplog):
+    """A voice trained on characters (phoneme_type "text") is phonemised with characters even where espeak-ng
+    is installed, and that is no fallback to warn about."""
+    monkeypatch.setattr(D, "piper_phonemizer_available", lambda: True)
+    monkeypatch.setattr(D.Phonemizer, "_warned", False)
+    ph = D.Phonemizer("en-us", force_characters=True)
+    with caplog.at_level(logging.WARNING, logger="vits_fast.data"):
+        ph.warn_if_fallback()
+    assert ph.kind == "characters" and "CHARACTER-LEVEL" not in caplog.text
+    assert D.Phonemizer("en-us").kind == "espeak"

@@ -136,10 +136,11 @@ class Phonemizer:
         self.voice = voice
         self.id_map = id_map or default_phoneme_id_map()
         self.kind = "characters" if force_characters or not piper_phonemizer_available() else "espeak"
+        self.forced = force_characters  # a character voice: characters are what it was trained on, no fallback
         self._espeak = None
 
     def warn_if_fallback(self) -> None:
-        if self.kind == "characters" and not Phonemizer._warned:
+        if self.kind == "characters" and not self.forced and not Phonemizer._warned:
             Phonemizer._warned = True
             _LOGGER.warning("piper-tts is not installed: phonemising with a CHARACTER-LEVEL fallback (letters "
                             "as symbols), not espeak-ng phonemes. The voice will not match Piper's phonemiser; "

@@ -96,7 +96,10 @@ def to_phoneme_ids(utterances: Sequence[str], voice: Voice, *, phoneme_ids: bool
 
     from .data import Phonemizer
 
-    phonemizer = Phonemizer(voice=voice.espeak_voice, id_map=voice.phoneme_id_map)
+    # A voice trained on characters (phoneme_type "text", as vits_fast writes without piper-tts) keeps them even
+    # where espeak-ng is installed: its ids mean letters.
+    phonemizer = Phonemizer(voice=voice.espeak_voice, id_map=voice.phoneme_id_map,
+                            force_characters=voice.config.get("phoneme_type") == "text")
     phonemizer.warn_if_fallback()
     id_to_symbol: Dict[int, str] = {}
     for symbol, ids in phonemizer.id_map.items():
