@@ -121,6 +121,12 @@ def _exporting() -> bool:
     return bool(onnx is not None and onnx.is_in_onnx_export())
 
 
+def eager() -> bool:
+    """True in plain eager execution: not tracing, scripting, exporting or compiling (code may then branch on
+    tensor values, which a trace or a graph would freeze)."""
+    return not (_exporting() or torch.compiler.is_compiling())
+
+
 def use_triton(*tensors: torch.Tensor, module: Optional[nn.Module] = None) -> bool:
     """Decide whether a fused op runs its Triton kernel for these tensors.
 

@@ -17,7 +17,7 @@ from torch.nn import Conv1d, Conv2d, ConvTranspose1d
 from torch.nn import functional as F
 
 from . import attentions, commons, modules
-from .backend import current_backend, on_host, use_triton
+from .backend import current_backend, eager, on_host, use_triton
 from .commons import get_padding, init_weights, remove_weight_norm, spectral_norm, stage, weight_norm
 from .monotonic_align import maximum_path
 
@@ -292,7 +292,7 @@ class Generator(nn.Module):
         no graph break (eager, host tensors): multiplying by ones changes nothing but the time (7-10 % of CPU
         synthesis).
         """
-        if x_mask is not None and on_host(x_mask) and not torch.compiler.is_compiling() and bool(x_mask.all()):
+        if x_mask is not None and on_host(x_mask) and eager() and bool(x_mask.all()):
             x_mask = None
         if use_triton(x, module=self):
             from .kernels import hifigan as _hifigan
