@@ -132,7 +132,7 @@ def measure(benchmark, fn: Callable[[], Any], *, group: str, impl: str, extra: O
     """Benchmark ``fn`` (which must not synchronise itself) as entry ``impl`` of ``group``.
 
     Calls: one warm-up (compilation, autotuning, lazy initialisation, allocator growth); one that measures the
-    peak memory (and, on CUDA, gives the time estimate); on CUDA the device timing; then the timed rounds
+    peak memory; one that gives the time estimate; on CUDA the device timing; then the timed rounds
     (``BUDGET_S`` worth, at least 3). Under ``--benchmark-disable`` the single call is the memory measurement.
     Returns what the last call of ``fn`` returned.
     """
@@ -152,10 +152,11 @@ def measure(benchmark, fn: Callable[[], Any], *, group: str, impl: str, extra: O
         info["peak_mem_mb"] = None if peak is None else round(peak / 2**20, 3)
         return benchmark.pedantic(lambda: result[-1], rounds=1)
     timed()
-    start = time.perf_counter()
     peak = peak_memory_bytes(timed, device)
-    call_s = time.perf_counter() - start  # on a CPU inflated by the profiler: only sizes the rounds
     info["peak_mem_mb"] = None if peak is None else round(peak / 2**20, 3)
+    start = time.perf_counter()  # a plain call sizes the rounds (on a CPU the memory call runs under the
+    timed()                      # profiler, several times slower, which left some entries only 3 rounds)
+    call_s = time.perf_counter() - start
     if device.type == "cuda":
         info.update(device_times_ms(fn, call_s, grad_to_none))
     rounds = int(max(3, min(200, BUDGET_S / max(call_s, 1e-6))))
