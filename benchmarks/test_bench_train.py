@@ -14,7 +14,6 @@ tens of seconds per step there).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from _bench import BENCH_DTYPES, DEVICE, IMPLS, ON_CUDA, measure, skip_unless_runnable
 from vits_fast.profile import Sizes, TrainStep

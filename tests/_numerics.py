@@ -48,6 +48,19 @@ def assert_matches_reference(out: torch.Tensor, ref64: torch.Tensor, torch_same_
     assert err <= bound, f"{name}: {out.dtype} error {err:.3g} > bound {bound:.3g} (PyTorch's own: {base:.3g})"
 
 
+def assert_same_gradients(grads: dict, ref_grads: dict) -> None:
+    """The fused run produced a gradient for exactly the inputs the reference did, none of them missing."""
+    assert set(grads) == set(ref_grads)
+    assert all(v is not None for v in grads.values()), [k for k, v in grads.items() if v is None]
+
+
+def assert_all_match_reference(out: torch.Tensor, grads: dict, ref_out: torch.Tensor, ref_grads: dict) -> None:
+    """Output and every gradient of an fp32/fp64 fused run against the float64 reference run."""
+    assert_matches_reference(out, ref_out, name="output")
+    for k, ref in ref_grads.items():
+        assert_matches_reference(grads[k], ref, name=f"d{k}")
+
+
 def check_low_precision(ours: dict, ref64: dict, same: dict, precision: torch.dtype,
                         unpooled: tuple = ()) -> None:
     """The bf16/fp16 tolerance rule, pooled over the output and all gradients.

@@ -28,7 +28,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests._numerics import assert_matches_reference, check_low_precision
+from tests._numerics import (assert_all_match_reference, assert_same_gradients,
+                             check_low_precision)
 from tests._util import one_thread  # noqa: F401 (fixture)
 
 import vits_fast
@@ -110,12 +111,9 @@ def _check(m64, clone, args64, grad_names, gout64, dtype):
 
     out, grads, counts = _run(clone(m64, dtype), "triton", [cast(a) for a in args64], gout64, grad_names)
     assert out.dtype == dtype
-    assert set(grads) == set(ref_grads)
-    assert all(v is not None for v in grads.values()), [k for k, v in grads.items() if v is None]
+    assert_same_gradients(grads, ref_grads)
     if dtype not in LOW:
-        assert_matches_reference(out, ref_out, name="output")
-        for k, ref in ref_grads.items():
-            assert_matches_reference(grads[k], ref, name=f"d{k}")
+        assert_all_match_reference(out, grads, ref_out, ref_grads)
         return counts
     same_out, same_grads, _ = _run(clone(m64, dtype), "reference", [cast(a) for a in args64], gout64, grad_names)
     # weight_g gradients (<dW, v> / |v| over a whole conv weight) cancel: in fp16/bf16 their rounding noise,

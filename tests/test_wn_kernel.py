@@ -25,7 +25,7 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from tests._numerics import assert_matches_reference, max_err
+from tests._numerics import assert_all_match_reference, assert_same_gradients, max_err
 from tests._numerics import check_low_precision as _check_low_precision
 
 from vits_fast.backend import backend, set_module_backend
@@ -123,12 +123,9 @@ def _check_against_reference(m64, x64, mask64, g64, dtype, gout64):
         out, grads = _run(m, "triton", cast(x64), cast(mask64), cast(g64), gout64)
     assert spy.calls == 1, "the fused path did not run"
     assert out.dtype == dtype
-    assert set(grads) == set(ref_grads)
-    assert all(v is not None for v in grads.values()), [k for k, v in grads.items() if v is None]
+    assert_same_gradients(grads, ref_grads)
     if dtype not in LOW:
-        assert_matches_reference(out, ref_out, name="output")
-        for k, ref in ref_grads.items():
-            assert_matches_reference(grads[k], ref, name=f"d{k}")
+        assert_all_match_reference(out, grads, ref_out, ref_grads)
         return
     same_out, same_grads = _run(_clone(m64, dtype), "reference", cast(x64), cast(mask64), cast(g64), gout64)
     _check_low_precision({"output": out, **grads}, {"output": ref_out, **ref_grads},

@@ -25,7 +25,6 @@ scalar), ``samples/step-S/*.wav``, ``bad_items.tsv`` when data was skipped, Tens
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import logging
@@ -43,18 +42,17 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from . import checkpoint as ckpt_lib
-from .commons import slice_segments
 from .convert import load_checkpoint_or_voice
 from .config import AudioConfig, PRESETS, model_kwargs as preset_model_kwargs, tiny_model_kwargs
 from .guards import OverwriteError, number, refuse_overwrite, same_file
 from .data import (CORPUS_DIR, Batch, BucketBatchSampler, Collate, DataError, Phonemizer, TTSDataset,
                    default_phoneme_id_map, prepare_items, read_dataset, report_problems, split_items)
 from .inference import DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W
-from .losses import discriminator_loss, feature_loss, generator_loss, kl_loss
-from .mel_processing import mel_spectrogram_torch, spec_to_mel_torch
+from .losses import kl_loss
 from .models import MultiPeriodDiscriminator, SynthesizerTrn
-from .step import (C_KL, C_MEL, COMPILE_MODES, LOSS_NAMES, DeferredRead, StepOutput, StepParts, adamw,
-                   compile_fixed_shape_parts, generator_pass, train_step)
+from .step import (C_KL, C_MEL, COMPILE_MODES, DeferredRead, StepOutput, StepParts, adamw, compile_fixed_shape_parts,
+                   generator_pass, train_step)
+from .step import LOSS_NAMES  # noqa: F401 -- re-exported: the names of the losses the trainer logs
 
 _LOGGER = logging.getLogger("vits_fast.train")
 
