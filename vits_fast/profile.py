@@ -775,11 +775,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     p.add_argument("--trace", default=None,
                    help="Chrome trace path (default: vits_fast_profile_<workload>_<config>.json in the current folder)")
+    from . import costmodel
+
+    costmodel.add_arguments(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> ProfileResult:
     args = build_parser().parse_args(argv)
+    if args.estimate:
+        from . import costmodel
+
+        return costmodel.main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
