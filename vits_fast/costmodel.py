@@ -305,12 +305,12 @@ class _Recorder(TorchDispatchMode):
         self.ops: List[Op] = []
         self.assumptions: List[str] = []
         self.frames_per_id, self.text_len = frames_per_id, text_len
-        self._stages: List[Tuple[Any, str]] = []
+        self._ranges: List[str] = []  # open record_function ranges, innermost last
         self._alive: List[torch.Tensor] = []
 
     # -- context ---------------------------------------------------------------------------------------------
     def _stage(self) -> str:
-        return self._stages[-1][1] if self._stages else "other"
+        return next((r[len("vits."):] for r in reversed(self._ranges) if r.startswith("vits.")), "other")
 
     def _module(self) -> str:
         parents = [p for p in self.tracker.parents if p != "Global"]
@@ -325,17 +325,22 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         name = _op_name(func)
         if name == "profiler._record_function_enter_new":
-            handle = func(*args, **kwargs)
-            label = str(args[0])
-            if label.startswith("vits."):
-                self._stages.append((handle, label[len("vits."):]))
-            return handle
-        if name == "profiler._record_function_exit":
-            if self._stages and self._stages[-1][0] is args[0]:
-                self._stages.pop()
+            self._ranges.append(str(args[0]))  # ranges nest: every exit closes the innermost one
             return func(*args, **kwargs)
+        if name == "profiler._record_function_exit":
+            if self._ranges:
+                self._ranges.pop()
+            return func(*args, **kwargs)
+        if func.namespace == "aten" and torch._C._dispatch_has_kernel_for_dispatch_key(
+                func.name(), "CompositeImplicitAutograd"):
+            # composite ops reach this mode undecomposed under inference_mode: record what they run
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if name in ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool and _is_fake(i) for i in args[1]):
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]) and any(
+                _is_fake(t) for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)):
             args = (args[0], self._bool_indices(name, args[1])) + tuple(args[2:])
         flat, _ = tree_flatten((args, kwargs))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
@@ -343,13 +348,20 @@ class _Recorder(TorchDispatchMode):
             not _is_fake(t) and not t.requires_grad and t.numel() <= REAL_LIMIT for t in tensors)
         if name in _SYNC and not real:
             out = self._assume(name, func, tensors[0])
-        elif name in _SYNC:
+        elif name == "aten.max" and len(args) == 1 and _is_fake(args[0]) and not args[0].is_floating_point():
+            # the longest computed length (synthesis' frame count): an assumed real value, so shapes can follow it
+            func(*args, **kwargs)
+            value = self._assumed_length()
+            with _disable_current_modes():
+                out = torch.tensor(value, dtype=args[0].dtype)
+            self.assumptions.append(f"{self._stage()}: {name} of computed lengths {tuple(args[0].shape)} -> {value}")
+        elif real and tensors:  # small computations on batch inputs (lengths, ids, masks, noise): real values
             with _disable_current_modes():
                 out = func(*args, **kwargs)
         else:
             out = func(*args, **kwargs)  # fake
             if real and all(t.numel() <= REAL_LIMIT for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)):
-                with _disable_current_modes():
+                with _disable_current_modes():  # a small factory (arange, rand...): real
                     out = func(*args, **kwargs)
         if name in _NO_KERNEL or getattr(func, "is_view", False):
             return out
@@ -365,7 +377,7 @@ class _Recorder(TorchDispatchMode):
             elif t.dtype.is_floating_point:
                 value = 0.0
             else:
-                value = max(1, int(round(self.frames_per_id * self.text_len)))
+                value = self._assumed_length()
             self.assumptions.append(f"{where} -> {value}")
             return value
         n = t.numel()  # nonzero / masked_select: every element selected
@@ -374,16 +386,23 @@ class _Recorder(TorchDispatchMode):
             return torch.empty((n, t.dim()), dtype=torch.long)
         return torch.empty((n,), dtype=t.dtype)
 
+    def _assumed_length(self) -> int:
+        return max(1, int(round(self.frames_per_id * self.text_len)))
+
     def _bool_indices(self, name: str, indices) -> list:
         """Boolean-mask indices as integer ones, every element selected (the mask's ``nonzero`` is a sync)."""
         out = []
         for i in indices:
-            if isinstance(i, torch.Tensor) and i.dtype == torch.bool and _is_fake(i):
-                self._record("aten.nonzero", aten.nonzero.default, (i,), {}, [i], None)
+            if not (isinstance(i, torch.Tensor) and i.dtype == torch.bool):
+                out.append(i)
+                continue
+            self._record("aten.nonzero", aten.nonzero.default, (i,), {}, [i], None, not _is_fake(i))
+            if _is_fake(i):
                 self.assumptions.append(f"{self._stage()}: {name} by a mask of {tuple(i.shape)} -> all selected")
                 out += [torch.empty((i.numel(),), dtype=torch.long)] * i.dim()
             else:
-                out.append(i)
+                with _disable_current_modes():
+                    out += list(i.nonzero().unbind(1))
         return out
 
     def _record(self, name, func, args, kwargs, tensors, out, real: bool = False) -> None:
