@@ -64,7 +64,9 @@ def test_totals_are_sums_of_rows(tiny_train):
         assert sum(s.ops for s in stages) == len(trace.ops)
         assert math.isclose(sum(s.device_s for s in stages), sum(op.device_s for op in trace.ops), rel_tol=1e-9)
         assert math.isclose(sum(s.host_s for s in stages), sum(op.host_s for op in trace.ops), rel_tol=1e-9)
-        assert math.isclose(cm.step_s(trace), sum(max(s.device_s, s.host_s) for s in stages), rel_tol=1e-9)
+        assert math.isclose(cm.step_s(trace), sum(s.time_s for s in stages), rel_tol=1e-9)
+        for s in stages:  # overlap never beats the slower side, and never loses more than serialising both
+            assert max(s.device_s, s.host_s) <= s.time_s * (1 + 1e-9) <= (s.device_s + s.host_s) * (1 + 1e-9)
         assert math.isclose(sum(cm.family_device_s(trace).values()), sum(op.device_s for op in trace.ops),
                             rel_tol=1e-9)
 
@@ -142,3 +144,15 @@ def test_scaled_devices_are_labelled_and_ordered():
     assert h100.conv_flops["tf32"] > a100.conv_flops["tf32"]
     with pytest.raises(ValueError, match="--estimate must be one of"):
         cm.device_constants("v100")
+
+
+def _op(device_s: float, host_s: float, sync: bool = False) -> cm.Op:
+    return cm.Op("aten.add", "elementwise", "s", "", 0.0, 0.0, "", "fp32", 1, "aten", sync=sync,
+                 device_s=device_s, host_s=host_s)
+
+
+def test_host_syncs_cut_the_overlap():
+    # without a sync the slower side wins; a sync after the first op serialises the two halves
+    assert cm.overlapped_s([_op(5, 1), _op(1, 5)]) == 6
+    assert cm.overlapped_s([_op(5, 1, sync=True), _op(1, 5)]) == 10
+    assert cm.overlapped_s([]) == 0
