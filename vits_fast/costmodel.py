@@ -151,6 +151,7 @@ class Constants:
     kernel_floor_s: float = 3e-6
     aten_op_s: float = 34.5e-6
     autograd_op_s: float = 19.7e-6
+    inference_op_s: float = 26.8e-6
     custom_op_s: float = 282e-6
     triton_launch_s: float = H200_CALIBRATION["launch_s"]["triton"]
     mas_step_s: float = MAS_STEP_S
@@ -199,7 +200,7 @@ def load_calibration(path: str, base: Constants) -> Constants:
         # the fitted host costs scale with the host's bare launch time (H200 host: 10.9 us)
         f = torch_launch / H200_CALIBRATION["launch_s"]["torch"]
         kw.update(aten_op_s=base.aten_op_s * f, autograd_op_s=base.autograd_op_s * f,
-                  custom_op_s=base.custom_op_s * f)
+                  inference_op_s=base.inference_op_s * f, custom_op_s=base.custom_op_s * f)
     if isinstance(triton_launch, (int, float)) and 0 < triton_launch < 1:
         kw["triton_launch_s"] = float(triton_launch)
     return replace(base, device=str(cal.get("device", base.device)), source=f"calibration file {path}",
@@ -224,7 +225,7 @@ class Op:
     peak_kind: str           # "matmul", "conv1d", "conv1d_bwd", "conv2d", "conv2d_bwd" or "" (memory-bound)
     dtype: str               # fp32/tf32/bf16/fp16 for the peak
     kernels: int             # device launches
-    host_kind: str           # "aten", "autograd", "custom", "host", "scalar"
+    host_kind: str           # "aten", "autograd", "inference", "custom", "host", "scalar"
     sync: bool = False
     mas_frames: int = 0      # frames of a fused alignment search (latency-bound wavefront)
     host_cells: int = 0      # cells of a reference alignment search (host copy + Cython search)
@@ -419,7 +420,9 @@ class _Recorder(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         ref = (tensors or outs or [torch.empty(0)])[0]
         nbytes = float(sum(_tensor_bytes(t) for t in tensors) + sum(_tensor_bytes(t) for t in outs))
-        kernels, host_kind, frames = 1, ("autograd" if stage == "backward" else "aten"), 0
+        kernels, frames = 1, 0
+        host_kind = ("autograd" if stage == "backward" else
+                     "inference" if torch.is_inference_mode_enabled() else "aten")
         if family == "fused":
             op = name.split(".", 1)[1]
             shapes = [list(a.shape) if isinstance(a, torch.Tensor) else [] for a in args]
@@ -572,7 +575,8 @@ def estimate_op(op: Op, c: Constants) -> Op:
     elif op.host_kind == "scalar":
         op.host_s = c.host_scalar_s
     else:
-        op.host_s = (c.autograd_op_s if op.host_kind == "autograd" else c.aten_op_s) * max(1, op.kernels)
+        per = {"autograd": c.autograd_op_s, "inference": c.inference_op_s}.get(op.host_kind, c.aten_op_s)
+        op.host_s = per * max(1, op.kernels)
     return op
 
 
@@ -751,7 +755,7 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
              + " / ".join(f"{d} {c.conv_flops[d] / 1e12:.0f}" for d in _DTYPES),
              f"conv efficiency " + ", ".join(f"{k} {v:.2f}" for k, v in c.conv_efficiency.items())
              + f"; device floor {c.kernel_floor_s * 1e6:.1f} us/kernel; host: aten op {c.aten_op_s * 1e6:.1f} us, "
-             f"autograd op {c.autograd_op_s * 1e6:.1f} us, custom op {c.custom_op_s * 1e6:.1f} us + Triton launch "
+             f"autograd op {c.autograd_op_s * 1e6:.1f} us, inference-mode op {c.inference_op_s * 1e6:.1f} us, custom op {c.custom_op_s * 1e6:.1f} us + Triton launch "
              f"{c.triton_launch_s * 1e6:.1f} us", ""]
     ref_stages = {s.name: s for s in stage_estimates(reference)}
     fus_stages = {s.name: s for s in stage_estimates(fused)}
@@ -826,6 +830,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel-floor-us", type=float, help="device time floor per kernel, us")
     g.add_argument("--aten-op-us", type=float, help="host time per PyTorch op launched from Python, us")
     g.add_argument("--autograd-op-us", type=float, help="host time per op launched by the autograd engine, us")
+    g.add_argument("--inference-op-us", type=float, help="host time per PyTorch op under inference_mode, us")
     g.add_argument("--custom-op-us", type=float, help="host time per vits_fast custom-op call (without the "
                    "Triton launch), us")
     g.add_argument("--triton-launch-us", type=float, help="host time per Triton kernel launch, us")
@@ -836,6 +841,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 _OVERRIDES = (("bandwidth_tbs", "copy_bytes_per_s", 1e12), ("kernel_floor_us", "kernel_floor_s", 1e-6),
               ("aten_op_us", "aten_op_s", 1e-6), ("autograd_op_us", "autograd_op_s", 1e-6),
+              ("inference_op_us", "inference_op_s", 1e-6),
               ("custom_op_us", "custom_op_s", 1e-6), ("triton_launch_us", "triton_launch_s", 1e-6))
 
 
