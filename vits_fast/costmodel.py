@@ -840,7 +840,7 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
              if n in ref_stages or n in fus_stages]
     order = list(dict.fromkeys(order))
     t_ref, t_fus = step_s(reference), step_s(fused)
-    lines.append(f"Per stage ({EST}, ms per step; device = kernel time, host = dispatch + launch time; "
+    lines.append(f"Per stage ({EST}, ms per call of the workload; device = kernel time, host = dispatch + launch time; "
                  "stage = max(device, host) between host syncs)")
     side = f"{'ops':>6}{'syncs':>6}{'device':>9}{'host':>9}{'stage':>9}{'share':>7}"
     head = f"{'stage':<20}|{'reference':^46}|{'fused':^46}"
@@ -870,7 +870,7 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
 
     fr, ff = family_device_s(reference), family_device_s(fused)
     dr, df = sum(fr.values()), sum(ff.values())
-    lines.append(f"By op family ({EST}, device ms per step)")
+    lines.append(f"By op family ({EST}, device ms per call)")
     head = f"{'family':<14}{'reference':>11}{'share':>8}{'fused':>11}{'share':>8}"
     lines += [head, "-" * len(head)]
     for fam in sorted(set(fr) | set(ff), key=lambda k: -fr.get(k, 0.0) - ff.get(k, 0.0)):
@@ -880,7 +880,7 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
 
     rows = module_rows(fused, MODULE_TABLE_PREFIXES)
     if rows:
-        lines += ["", f"By module: decoder and discriminators ({EST}, fused path, forward + backward per step; "
+        lines += ["", f"By module: decoder and discriminators ({EST}, fused path, ms per call, backward included when training; "
                   "a chain is a run of consecutive elementwise ops; 'if fused' = its outside inputs read once and "
                   "its outputs written once)"]
         head = (f"{'module':<44}{'ops':>6}{'device ms':>11}{'host ms':>9}{'eltwise ms':>11}{'chains':>7}"
