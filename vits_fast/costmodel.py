@@ -5,9 +5,10 @@ Every number this module prints is an **estimate**, not a measurement.
 How
 ---
 The workload (:class:`vits_fast.profile.TrainStep` or :class:`vits_fast.profile.InferStep`, the same builders the
-profiler and the benchmarks run) is built on the CPU and then run once under
-``torch._subclasses.fake_tensor.FakeTensorMode``: parameters and activations are fake tensors (shapes, no data), so
-a Piper-medium training step at batch 32 takes seconds. The fused path is forced with ``vits_fast.backend("triton")``
+profiler and the benchmarks run) is built on the CPU and then run once under ``FakeTensorMode`` (from
+``torch._subclasses.fake_tensor``, with ``allow_non_fake_inputs=True``): every computation on parameters
+becomes a fake tensor (shapes, no data), so a Piper-medium training step at batch 32 takes seconds; small
+computations on the batch alone (ids, lengths, masks, noise) stay real (see below). The fused path is forced with ``vits_fast.backend("triton")``
 (the custom ``vits_fast::*`` ops then run their registered fake implementations; the CPU tensors pass the backend
 check through ``TRITON_INTERPRET=1``, which is set only while the fake run lasts and launches nothing); the
 reference path with ``"reference"``. A ``TorchDispatchMode`` records every operator that reaches the dispatcher:
@@ -17,14 +18,15 @@ reference path with ``"reference"``. A ``TorchDispatchMode`` records every opera
   written once), which the first GPU run measured at ~100 % of copy bandwidth for the WaveNet kernels;
 * **FLOPs**: ``torch.utils.flop_counter``'s formulas (convolutions, matrix products, attention);
 * **stage**: the innermost active ``vits.<stage>`` range (:func:`vits_fast.commons.stage`);
-* **module**: the innermost module (``torch.utils.module_tracker``; backward ops are attributed too).
+* **module**: the innermost module (``torch.utils.module_tracker`` in the forward; a backward op gets the module
+  recorded, during the forward, on the autograd node that runs it).
 
 Views (``view``, ``as_strided``, ``unsqueeze``, ``detach``...) and allocations move no bytes and launch nothing and
 are not counted. Each remaining operator is estimated as
 
     device = max(bytes / copy bandwidth, FLOPs / peak(dtype, op kind)) + kernels x device launch floor
-    host   = dispatch + launch cost of its kind (aten op from Python, aten op from the autograd engine,
-             custom op + Triton launch)
+    host   = dispatch + launch cost of its kind (aten op from Python, aten op from the autograd engine, aten op
+             under inference_mode, custom op + Triton launch) + further kernels x a C++ launch
 
 and every stage as ``max(device, host)``: the GPU runs asynchronously, so a stage costs whichever side is slower
 (a host-bound stage leaves the GPU idle). A host synchronisation cuts a stage in two (the host waits there until
@@ -44,7 +46,9 @@ Op-specific costs
 * Data-dependent reads (``.item()``, ``nonzero``, boolean indexing) are host synchronisations: counted per stage.
   Inputs that come from the batch (ids, lengths) stay real tensors, so reads of them get their true values;
   reads of computed values are answered by assumption and listed: a boolean mask is all true, and an integer read
-  (synthesis' output length) is ``frames_per_id x`` the text length.
+  (synthesis' output length) is ``frames_per_id x`` the text length. The model's input value checks, which
+  the fused path skips for CUDA tensors, run here on CPU tensors: a few small ops in ``SynthesizerTrn (no
+  range)``.
 * The reference alignment search (Cython on the host) is counted as a device-to-host copy, a host search of
   ``HOST_MAS_CELL_S`` per cell, and a host-to-device copy.
 
@@ -136,7 +140,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -832,16 +836,15 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
              + " / ".join(f"{d} {c.conv_flops[d] / 1e12:.0f}" for d in _DTYPES),
              f"conv efficiency " + ", ".join(f"{k} {v:.2f}" for k, v in c.conv_efficiency.items())
              + f"; device floor {c.kernel_floor_s * 1e6:.1f} us/kernel; host: aten op {c.aten_op_s * 1e6:.1f} us, "
-             f"autograd op {c.autograd_op_s * 1e6:.1f} us, inference-mode op {c.inference_op_s * 1e6:.1f} us, custom op {c.custom_op_s * 1e6:.1f} us + Triton launch "
-             f"{c.triton_launch_s * 1e6:.1f} us", ""]
+             f"autograd op {c.autograd_op_s * 1e6:.1f} us, inference-mode op {c.inference_op_s * 1e6:.1f} us, "
+             f"custom op {c.custom_op_s * 1e6:.1f} us + Triton launch {c.triton_launch_s * 1e6:.1f} us", ""]
     ref_stages = {s.name: s for s in stage_estimates(reference)}
     fus_stages = {s.name: s for s in stage_estimates(fused)}
-    order = [n for n in list(reference.stages) + sorted(set(ref_stages) | set(fus_stages))
+    order = [n for n in dict.fromkeys(list(reference.stages) + sorted(set(ref_stages) | set(fus_stages)))
              if n in ref_stages or n in fus_stages]
-    order = list(dict.fromkeys(order))
     t_ref, t_fus = step_s(reference), step_s(fused)
-    lines.append(f"Per stage ({EST}, ms per call of the workload; device = kernel time, host = dispatch + launch time; "
-                 "stage = max(device, host) between host syncs)")
+    lines.append(f"Per stage ({EST}, ms per call of the workload; device = kernel time, host = dispatch + launch "
+                 "time; stage = max(device, host) between host syncs)")
     side = f"{'ops':>6}{'syncs':>6}{'device':>9}{'host':>9}{'stage':>9}{'share':>7}"
     head = f"{'stage':<20}|{'reference':^46}|{'fused':^46}"
     sub = f"{'':<20}|{side}|{side}"
@@ -853,7 +856,8 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
                 f"{_pct(s.time_s, total):>7}")
 
     for name in order:
-        lines.append(f"{name:<20}|{cells(ref_stages.get(name, empty), t_ref)}|{cells(fus_stages.get(name, empty), t_fus)}")
+        lines.append(f"{name:<20}|{cells(ref_stages.get(name, empty), t_ref)}|"
+                     f"{cells(fus_stages.get(name, empty), t_fus)}")
     tot_r, tot_f = (StageEstimate("", sum(s.ops for s in st.values()), 0, sum(s.syncs for s in st.values()),
                                   sum(s.device_s for s in st.values()), sum(s.host_s for s in st.values()), t)
                     for st, t in ((ref_stages, t_ref), (fus_stages, t_fus)))
@@ -880,9 +884,9 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
 
     rows = module_rows(fused, MODULE_TABLE_PREFIXES)
     if rows:
-        lines += ["", f"By module: decoder and discriminators ({EST}, fused path, ms per call, backward included when training; "
-                  "a chain is a run of consecutive elementwise ops; 'if fused' = its outside inputs read once and "
-                  "its outputs written once)"]
+        lines += ["", f"By module: decoder and discriminators ({EST}, fused path, ms per call, backward included "
+                  "when training; a chain is a run of consecutive elementwise ops; 'if fused' = its outside inputs "
+                  "read once and its outputs written once)"]
         head = (f"{'module':<44}{'ops':>6}{'device ms':>11}{'host ms':>9}{'eltwise ms':>11}{'chains':>7}"
                 f"{'chain MB':>10}{'if fused':>10}")
         lines += [head, "-" * len(head)]
