@@ -6,12 +6,13 @@ How
 ---
 The workload (:class:`vits_fast.profile.TrainStep` or :class:`vits_fast.profile.InferStep`, the same builders the
 profiler and the benchmarks run) is built on the CPU and then run once under ``FakeTensorMode`` (from
-``torch._subclasses.fake_tensor``, with ``allow_non_fake_inputs=True``): every computation on parameters
-becomes a fake tensor (shapes, no data), so a Piper-medium training step at batch 32 takes seconds; small
-computations on the batch alone (ids, lengths, masks, noise) stay real (see below). The fused path is forced
-with ``vits_fast.backend("triton")`` (the custom ``vits_fast::*`` ops then run their registered fake implementations; the CPU tensors pass the backend
-check through ``TRITON_INTERPRET=1``, which is set only while the fake run lasts and launches nothing); the
-reference path with ``"reference"``. A ``TorchDispatchMode`` records every operator that reaches the dispatcher:
+``torch._subclasses.fake_tensor``, with ``allow_non_fake_inputs=True``): every computation on parameters becomes a
+fake tensor (shapes, no data), so a Piper-medium training step at batch 32 takes seconds; small computations on the
+batch alone (ids, lengths, masks, noise) stay real (see below). The fused path is forced with
+``vits_fast.backend("triton")`` (the custom ``vits_fast::*`` ops then run their registered fake implementations;
+the CPU tensors pass the backend check through ``TRITON_INTERPRET=1``, which is set only while the fake run lasts
+and launches nothing); the reference path with ``"reference"``. A ``TorchDispatchMode`` records every operator that
+reaches the dispatcher:
 
 * **bytes**: the sizes of its tensor inputs and outputs (broadcast dimensions count once); for a fused
   ``vits_fast::*`` operator its own formula, :func:`vits_fast.profile.min_bytes` (inputs read once, outputs
