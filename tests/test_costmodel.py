@@ -133,6 +133,8 @@ def test_cli_flags_and_calibration_file(tmp_path, capsys):
     bad.write_text(json.dumps({"copy_bytes_per_s": 1e12}))
     with pytest.raises(ValueError, match="not a benchmarks/calibrate.py file"):
         cm.load_calibration(str(bad), base)
+    with pytest.raises(SystemExit, match="supports the workloads"):
+        vp.main(["--estimate", "h100", "--workload", "kernel:mas"])
     with pytest.raises(SystemExit, match="must be positive"):
         cm.constants_from_args(vp.build_parser().parse_args(["--estimate", "a100", "--aten-op-us", "-1"]))
 

@@ -549,31 +549,34 @@ _PROFILER_DTYPE = {torch.float32: "float", torch.bfloat16: "c10::bfloat16", torc
 
 def _host_mas_stub(recorder: _Recorder):
     """The reference (Cython, host) alignment search as a cost record: D2H copy, host search, H2D copy."""
-    from . import models
+    from . import monotonic_align
 
-    original = models.maximum_path
+    original = monotonic_align._maximum_path
 
-    def stub(neg_cent, mask=None, **kw):
+    def stub(neg_cent, mask, x_lengths, y_lengths, return_durations):
         from .backend import current_backend
 
-        if not _is_fake(neg_cent) or current_backend() != "reference":
-            return original(neg_cent, mask, **kw)
+        if current_backend() != "reference":
+            return original(neg_cent, mask, x_lengths, y_lengths, return_durations)
         b, t_y, t_x = neg_cent.shape
-        stage, module = recorder._stage(), recorder._module()
         recorder.add(Op("host.maximum_path", "host", recorder._stage(), recorder._module(), 0.0, 0.0, "", "fp32", 0,
                         "host", sync=True, host_cells=b * t_y * t_x))
         path = torch.zeros_like(neg_cent)
-        return (path, path.sum(1)) if kw.get("return_durations") else path
+        return (path, path.sum(1)) if return_durations else path
 
     @contextlib.contextmanager
     def patched():
-        models.maximum_path = stub
+        monotonic_align._maximum_path = stub
         try:
             yield
         finally:
-            models.maximum_path = original
+            monotonic_align._maximum_path = original
 
     return patched()
+
+
+#: Workloads the cost model runs (``kernel:mas`` checks its CPU mask's values on the host, which fake data cannot).
+ESTIMATE_WORKLOADS = ("train-step", "infer", "kernel:wn", "kernel:coupling", "kernel:spline")
 
 
 def _init_optimizer_state(*optimizers: torch.optim.Optimizer) -> None:
@@ -599,7 +602,7 @@ class Trace:
 
 def trace_workload(workload: str, config: str, sizes, path: str, precision: str = "fp32",
                    frames_per_id: float = 2.0) -> Trace:
-    """Run ``workload`` (``train-step`` or ``infer``) once on fake CPU tensors and record its ops.
+    """Run ``workload`` (one of :data:`ESTIMATE_WORKLOADS`) once on fake CPU tensors and record its ops.
 
     ``path``: ``reference`` or ``fused`` (backend ``triton``). ``sizes``: :class:`vits_fast.profile.Sizes`.
     """
@@ -610,6 +613,8 @@ def trace_workload(workload: str, config: str, sizes, path: str, precision: str 
 
     if path not in ("reference", "fused"):
         raise ValueError(f"path must be 'reference' or 'fused', got {path!r}")
+    if workload not in ESTIMATE_WORKLOADS:
+        raise ValueError(f"--estimate supports the workloads {ESTIMATE_WORKLOADS}, got {workload!r}")
     backend = "triton" if path == "fused" else "reference"
     step, stages = prof.build_workload(workload, config, sizes, torch.device("cpu"), backend=backend,
                                        precision=precision)
@@ -620,6 +625,8 @@ def trace_workload(workload: str, config: str, sizes, path: str, precision: str 
             group["foreach"] = True  # what AdamW picks on CUDA (on a CPU it would loop over parameters)
     tracker = ModuleTracker()
     recorder = _Recorder(tracker, frames_per_id, sizes.text_len)
+    with contextlib.suppress(ImportError):
+        import triton  # noqa: F401 -- imported before TRITON_INTERPRET is set, so the process keeps its mode
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # lets the backend accept CPU tensors; fake ops launch nothing
     try:
@@ -958,6 +965,8 @@ def main(args: argparse.Namespace) -> str:
     """Run ``--estimate`` for parsed ``python -m vits_fast.profile`` arguments; prints and returns the report."""
     from .profile import Sizes, default_sizes
 
+    if args.workload not in ESTIMATE_WORKLOADS:
+        raise SystemExit(f"--estimate supports the workloads {', '.join(ESTIMATE_WORKLOADS)}; got {args.workload}")
     if not (0 < args.frames_per_id <= 100):
         raise SystemExit(f"--frames-per-id must be in (0, 100], got {args.frames_per_id}")
     c = constants_from_args(args)
