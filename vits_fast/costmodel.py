@@ -115,7 +115,8 @@ Known gaps, in order of size:
 
 * **bf16 training**: measured, the fused step is *slower* than the reference (325 vs 297 ms); the estimate has it
   faster. Nothing in the model produces that; a bf16 profile is needed (candidates: the fused kernels' mixed-dtype
-  paths under autocast, extra casts around the custom ops, which autocast does not see through).
+  paths under autocast, extra casts around the custom ops, which autocast does not see through). The fake run
+  also uses CPU autocast, whose lists of ops cast to bf16 differ from CUDA's in a few ops.
 * **fp32 training is estimated 25-30 % short on both paths** (all three presets alike), while the ratio is close.
   The forward stages' device estimates agree with the profile's per-stage device times (discriminator 19.0 vs 17.3
   ms, text encoder 2.8 vs 3.6, posterior encoder 3.1 vs 4.6, optimizer 1.4 vs 2.4), so the missing time is host

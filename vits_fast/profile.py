@@ -29,6 +29,9 @@ The run prints
 
 and writes a Chrome trace (``--trace``; open it in ``chrome://tracing`` or https://ui.perfetto.dev).
 
+``--estimate {h100,h200,a100}`` runs no profiler: it estimates the workload's GPU time per stage, reference and fused
+path side by side, from one run on fake tensors (:mod:`vits_fast.costmodel`; every number printed is an estimate).
+
 The workload builders here (:class:`TrainStep`, :class:`InferStep`, :func:`make_kernel_case`) are also what the
 benchmark suite in ``benchmarks/`` times, so a benchmark and a profile of the same subject run the same code.
 Backward ops run outside the forward stage ranges (autograd replays them later), so in ``train-step`` the
