@@ -42,8 +42,9 @@ Op-specific costs
   ``nhwcToNchw`` launches per medium training step, ~21 ms of device time.
 * ``vits_fast::maximum_path`` is a wavefront over frames, latency-bound: ``t_y x MAS_STEP_S`` (0.37-0.46 us per
   frame measured: 295 us at t_y = 800, 936 us at t_y = 2048).
-* ``_foreach_*`` ops (AdamW on CUDA defaults to its foreach implementation; the fake run forces it on, since a CPU
-  optimizer would pick the per-parameter loop) launch one kernel per ``FOREACH_TENSORS_PER_LAUNCH`` tensors.
+* ``_foreach_*`` and ``_fused_adam*`` ops launch one kernel per ``FOREACH_TENSORS_PER_LAUNCH`` tensors. A
+  non-fused AdamW is switched to its foreach implementation, what it picks on CUDA (on a CPU it would loop over
+  the parameters).
 * Data-dependent reads (``.item()``, ``nonzero``, boolean indexing) are host synchronisations: counted per stage.
   Inputs that come from the batch (ids, lengths) stay real tensors, so reads of them get their true values;
   reads of computed values are answered by assumption and listed: a boolean mask is all true, and an integer read
@@ -514,7 +515,7 @@ class _Recorder(TorchDispatchMode):
             host_kind = "custom"
             if op == "maximum_path":
                 kernels, frames = 2, args[0].shape[1]
-        elif name.startswith("aten._foreach"):
+        elif name.startswith(("aten._foreach", "aten._fused_adam")):
             n = max((len(a) for a in args if isinstance(a, (list, tuple))), default=1)
             kernels = max(1, math.ceil(n / FOREACH_TENSORS_PER_LAUNCH))
         flops, peak_kind = 0.0, ""
@@ -623,16 +624,21 @@ def trace_workload(workload: str, config: str, sizes, path: str, precision: str 
         step, "__dict__") else []
     for opt in optimizers:
         for group in opt.param_groups:
-            group["foreach"] = True  # what AdamW picks on CUDA (on a CPU it would loop over parameters)
+            if not group.get("fused"):
+                group["foreach"] = True  # what AdamW picks on CUDA (on a CPU it would loop over parameters)
     tracker = ModuleTracker()
     recorder = _Recorder(tracker, frames_per_id, sizes.text_len)
+    try:  # where vits_fast.backend offers it, CPU tensors count as device tensors: the code takes its GPU branches
+        from .backend import host_as_device as as_device
+    except ImportError:
+        as_device = contextlib.nullcontext
     with contextlib.suppress(ImportError):
         import triton  # noqa: F401 -- imported before TRITON_INTERPRET is set, so the process keeps its mode
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # lets the backend accept CPU tensors; fake ops launch nothing
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), _host_mas_stub(recorder), tracker, recorder, \
-                _NodeTagger(recorder):
+        with as_device(), FakeTensorMode(allow_non_fake_inputs=True), _host_mas_stub(recorder), tracker, \
+                recorder, _NodeTagger(recorder):
             if optimizers:
                 _init_optimizer_state(*optimizers)
                 del recorder.ops[:]
@@ -855,8 +861,8 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
     lines.append(f"Per stage ({EST}, ms per call of the workload; device = kernel time, host = dispatch + launch "
                  "time; stage = max(device, host) between host syncs)")
     side = f"{'ops':>6}{'syncs':>6}{'device':>9}{'host':>9}{'stage':>9}{'share':>7}"
-    head = f"{'stage':<20}|{'reference':^46}|{'fused':^46}"
-    sub = f"{'':<20}|{side}|{side}"
+    head = f"{'stage':<26}|{'reference':^46}|{'fused':^46}"
+    sub = f"{'':<26}|{side}|{side}"
     lines += [head, sub, "-" * len(sub)]
     empty = StageEstimate("", 0, 0, 0, 0.0, 0.0, 0.0)
 
@@ -865,13 +871,13 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
                 f"{_pct(s.time_s, total):>7}")
 
     for name in order:
-        lines.append(f"{name:<20}|{cells(ref_stages.get(name, empty), t_ref)}|"
+        lines.append(f"{name:<26}|{cells(ref_stages.get(name, empty), t_ref)}|"
                      f"{cells(fus_stages.get(name, empty), t_fus)}")
     tot_r, tot_f = (StageEstimate("", sum(s.ops for s in st.values()), 0, sum(s.syncs for s in st.values()),
                                   sum(s.device_s for s in st.values()), sum(s.host_s for s in st.values()), t)
                     for st, t in ((ref_stages, t_ref), (fus_stages, t_fus)))
     lines.append("-" * len(sub))
-    lines.append(f"{'sum (estimate)':<20}|{tot_r.ops:>6}{tot_r.syncs:>6}{tot_r.device_s * ms:>9.2f}"
+    lines.append(f"{'sum (estimate)':<26}|{tot_r.ops:>6}{tot_r.syncs:>6}{tot_r.device_s * ms:>9.2f}"
                  f"{tot_r.host_s * ms:>9.2f}{t_ref * ms:>9.2f}{'':>7}|{tot_f.ops:>6}{tot_f.syncs:>6}"
                  f"{tot_f.device_s * ms:>9.2f}{tot_f.host_s * ms:>9.2f}{t_fus * ms:>9.2f}")
     share, ceiling = amdahl(reference, fused)
