@@ -29,6 +29,9 @@ The run prints
 
 and writes a Chrome trace (``--trace``; open it in ``chrome://tracing`` or https://ui.perfetto.dev).
 
+``--estimate {h100,h200,a100}`` runs no profiler: it estimates the workload's GPU time per stage, reference and fused
+path side by side, from one run on fake tensors (:mod:`vits_fast.costmodel`; every number printed is an estimate).
+
 The workload builders here (:class:`TrainStep`, :class:`InferStep`, :func:`make_kernel_case`) are also what the
 benchmark suite in ``benchmarks/`` times, so a benchmark and a profile of the same subject run the same code.
 Backward ops run outside the forward stage ranges (autograd replays them later), so in ``train-step`` the
@@ -738,11 +741,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     p.add_argument("--trace", default=None,
                    help="Chrome trace path (default: vits_fast_profile_<workload>_<config>.json in the current folder)")
+    from . import costmodel
+
+    costmodel.add_arguments(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> ProfileResult:
     args = build_parser().parse_args(argv)
+    if args.estimate:
+        from . import costmodel
+
+        return costmodel.main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
