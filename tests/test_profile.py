@@ -32,14 +32,16 @@ def _stage_table(text: str) -> dict:
 
 def test_cli_train_step_x_low_prints_every_stage(tmp_path):
     """The issue's command on x-low (smallest batch, lengths and window so it fits CI time on a CPU)."""
-    trace = tmp_path / "trace.json"
+    trace = tmp_path / "traces" / "train-step_x-low.json"  # the default name, in the folder named
     cmd = [sys.executable, "-m", "vits_fast.profile", "--workload", "train-step", "--config", "x-low",
            "--device", "cpu", "--batch", "1", "--text-len", "8", "--frames", "16", "--segment-frames", "8",
-           "--steps", "1", "--warmup", "0", "--threads", "1", "--trace", str(trace)]
+           "--steps", "1", "--warmup", "0", "--threads", "1", "--output-dir", "traces"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
+    assert f"Chrome trace: {trace.resolve()}" in out  # the absolute path
+    assert "Profiler clears events" not in proc.stderr  # no stray profiler lines
     assert "train-step, config x-low, cpu" in out
     stages = _stage_table(out)
     for name in vp.TRAIN_STAGES:

@@ -45,6 +45,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -657,7 +658,9 @@ def profile_workload(workload: str, config: str, *, device: Optional[torch.devic
         run()
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with profile(activities=activities, record_shapes=on_cuda) as prof:
+    with warnings.catch_warnings(), profile(activities=activities, record_shapes=on_cuda) as prof:
+        # torch.profiler's notice that it clears its events each cycle is about its schedule API, not used here
+        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
         start = time.perf_counter()
         for _ in range(steps):
             with torch.profiler.record_function("profile.step"):
@@ -670,7 +673,7 @@ def profile_workload(workload: str, config: str, *, device: Optional[torch.devic
         workload=workload, config=config, device=device, steps=steps, step_ms=elapsed * 1e3 / steps,
         stages=_stage_rows(events, expected, steps), kernels=_kernel_rows(prof, on_cuda, steps, row_limit),
         bandwidth=_bandwidth_rows(events, steps, copy_bps) if on_cuda else [],
-        copy_gbps=copy_bps / 1e9 if copy_bps else None, trace=Path(trace) if trace else None)
+        copy_gbps=copy_bps / 1e9 if copy_bps else None, trace=Path(trace).resolve() if trace else None)
     if trace:
         Path(trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))
@@ -740,7 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=20, help="rows of the kernel table (default 20)")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     p.add_argument("--trace", default=None,
-                   help="Chrome trace path (default: vits_fast_profile_<workload>_<config>.json in the current folder)")
+                   help="Chrome trace path (default: <output-dir>/<workload>_<config>.json)")
+    p.add_argument("--output-dir", default="vits_fast_profile",
+                   help="folder of the default trace path (default: ./vits_fast_profile)")
     from . import costmodel
 
     costmodel.add_arguments(p)
@@ -759,7 +764,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ProfileResult:
     base = default_sizes(args.workload, device)
     sizes = Sizes(args.batch or base.batch, args.text_len or base.text_len, args.frames or base.frames,
                   args.segment_frames)
-    trace = args.trace or f"vits_fast_profile_{args.workload.replace(':', '-')}_{args.config}.json"
+    trace = args.trace or Path(args.output_dir) / f"{args.workload.replace(':', '-')}_{args.config}.json"
     result = profile_workload(args.workload, args.config, device=device, sizes=sizes, backend=args.backend,
                               precision=args.precision, steps=args.steps, warmup=args.warmup, trace=trace,
                               row_limit=args.rows)
