@@ -54,6 +54,15 @@ def pytest_collection_modifyitems(config, items):
     session = getattr(config, "_benchmarksession", None)
     if session is not None and session.skip and config.getoption("benchmark_disable", False):
         session.skip = False
+    if session is None:
+        return
+    # The terminal tables: unless asked otherwise, four columns (pytest-benchmark's ten are ~210 characters wide),
+    # and on a CPU, where most groups hold a single entry (the others need CUDA), one table per benchmark
+    # function. benchmarks/report.py gives the per-shape comparisons from --benchmark-json either way.
+    if config.getoption("benchmark_columns") is None:
+        session.columns = ["min", "median", "iqr", "rounds"]
+    if not ON_CUDA and config.getoption("benchmark_group_by") == "group":
+        session.group_by = "func"
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
