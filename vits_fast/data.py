@@ -144,7 +144,7 @@ class Phonemizer:
             Phonemizer._warned = True
             _LOGGER.warning("piper-tts is not installed: phonemising with a CHARACTER-LEVEL fallback (letters "
                             "as symbols), not espeak-ng phonemes. The voice will not match Piper's phonemiser; "
-                            "install it with `pip install vits_fast[phonemize]` (piper-tts).")
+                            "install it with `pip install piper-tts`.")
 
     def _sentences(self, text: str) -> List[List[str]]:
         if self.kind == "espeak":
