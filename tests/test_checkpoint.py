@@ -309,3 +309,17 @@ def test_saved_checkpoint_layout_roundtrips_with_weights_only(tmp_path):
     ck.set_rng_state(state)
     torch.testing.assert_close(torch.rand(4), a, rtol=0, atol=0)
     assert before.shape == (5,)
+
+
+def test_atomic_save_gives_an_ordinary_file_mode(tmp_path):
+    """Checkpoints get the mode any new file gets under the umask (mkstemp alone would make them 0600)."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        ck.atomic_save({"x": 1}, tmp_path / "a.ckpt")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.ckpt").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]  # no temporary file left

@@ -833,6 +833,9 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the checkpoint private, unlike any other file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
         os.replace(tmp, path)
