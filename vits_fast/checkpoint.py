@@ -5,9 +5,13 @@ Layout written by :func:`save_checkpoint` (what Piper's ``VitsModel.load_from_ch
     {"state_dict": {"model_g.<key>": tensor, ..., "model_d.<key>": tensor, ...},
      "optimizer_states": [AdamW(G).state_dict(), AdamW(D).state_dict()],
      "lr_schedulers": [ExponentialLR(G).state_dict(), ExponentialLR(D).state_dict()],
-     "epoch": int, "global_step": int, "hyper_parameters": {... VitsModel keyword arguments ...},
+     "epoch": int, "global_step": int (2 per batch, Lightning's count), "loops": {... Lightning's fit progress ...},
+     "hyper_parameters": {... VitsModel keyword arguments, and every other one the source checkpoint had ...},
      "pytorch-lightning_version": str,
-     "vits_fast": {... resume-only extras: RNG states, grad scaler, batch position, model kwargs ...}}
+     "vits_fast": {... resume-only extras: RNG states, grad scaler, batch position, model kwargs, the trained
+                   shrunk discriminator of a CPU demo run ...}}
+
+Which trainer wrote a checkpoint is told by :func:`checkpoint_origin`; its step count by :func:`batches_done`.
 
 Loading (:func:`load_checkpoint`) never unpickles with the stock unpickler. ``torch.load`` reads the file with
 :class:`_RestrictedUnpickler`:
@@ -55,9 +59,15 @@ from .models import SynthesizerTrn
 
 PathLike = Union[str, os.PathLike]
 
-#: Lightning version recorded in our checkpoints (Piper's ``piper_train`` pins pytorch-lightning 1.7-1.9; a
-#: lower version makes newer Lightning run its forward migrations, which only touch keys we do not use).
-LIGHTNING_VERSION = "1.7.7"
+#: ``pytorch-lightning_version`` of a checkpoint from a fresh vits_fast run: it names the layout of the ``loops``
+#: entry written (Lightning 2's), so Lightning 2 (piper1-gpl) runs no migration on it and Lightning 1.x (rhasspy
+#: Piper) reads the top-level ``global_step``/``epoch`` it falls back on. A run continued from a Lightning
+#: checkpoint keeps that checkpoint's version and loop layout instead (:func:`lightning_loops`).
+LIGHTNING_VERSION = "2.0.0"
+
+#: Optimizer steps per batch in ``global_step``: Lightning counts every optimizer step, and Piper (both trainers)
+#: steps two optimizers (generator, discriminator) per batch. vits_fast writes and reads the same convention.
+OPTIMIZER_STEPS_PER_BATCH = 2
 
 # Conditioning weights that exist only in multi-speaker models (Piper's single->multi warm start drops them).
 _COND_MARKERS = ("emb_g.", "dec.cond.", "dp.cond.", "cond_layer.")
@@ -384,10 +394,16 @@ def _tensors(obj: Any, prefix: str = "") -> List[Tuple[str, torch.Tensor]]:
 
 
 def tensor_checksum(ckpt: Mapping[str, Any]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of the weights (``state_dict``) and optimizer states of
-    a checkpoint dict: what :func:`build_checkpoint` records and :func:`load_checkpoint` verifies."""
+    """SHA-256 over the names, dtypes, shapes and bytes of the weights (``state_dict``), optimizer states and
+    trained shrunk discriminator (``vits_fast.discriminator``, when there is one) of a checkpoint dict: what
+    :func:`build_checkpoint` records and :func:`load_checkpoint` verifies."""
     h = hashlib.sha256()
-    for where, t in _tensors({"state_dict": ckpt.get("state_dict"), "optimizer_states": ckpt.get("optimizer_states")}):
+    extra = ckpt.get("vits_fast")
+    trained_d = extra.get("discriminator") if isinstance(extra, Mapping) else None
+    covered = {"state_dict": ckpt.get("state_dict"), "optimizer_states": ckpt.get("optimizer_states")}
+    if trained_d is not None:  # only in checkpoints whose discriminator is shrunk (see build_checkpoint)
+        covered["discriminator"] = trained_d
+    for where, t in _tensors(covered):
         t = t.detach().cpu().reshape(-1).contiguous()
         h.update(f"{where}|{t.dtype}|{t.numel()}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
@@ -486,6 +502,98 @@ def generator_state(ckpt: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], D
     if "model" in ckpt and isinstance(ckpt["model"], Mapping):
         return split_state_dict(ckpt["model"])
     return split_state_dict(ckpt)
+
+
+def discriminator_state(ckpt: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], Optional[Any]]:
+    """(discriminator tensors, its optimizer state or None) to train on from: the trained shrunk one a vits_fast
+    checkpoint keeps in ``vits_fast.discriminator`` (its ``state_dict`` then holds a fresh Piper-sized one, see
+    :func:`build_checkpoint`), else the ``model_d.*`` weights and the second optimizer state."""
+    extra = ckpt.get("vits_fast")
+    trained = extra.get("discriminator") if isinstance(extra, Mapping) else None
+    if isinstance(trained, Mapping) and isinstance(trained.get("state_dict"), Mapping):
+        return dict(trained["state_dict"]), trained.get("optimizer_state")
+    opt_states = ckpt.get("optimizer_states")
+    opt_d = opt_states[1] if isinstance(opt_states, list) and len(opt_states) == 2 else None
+    return generator_state(ckpt)[1], opt_d
+
+
+def checkpoint_origin(ckpt: Mapping[str, Any]) -> str:
+    """Which trainer wrote ``ckpt``: ``"vits_fast"`` (its ``vits_fast`` entry), ``"lightning1"`` (rhasspy Piper,
+    ``pytorch-lightning_version`` 1.x), ``"lightning2"`` (piper1-gpl, 2.x) or ``"other"`` (no Lightning version:
+    a bare or VITS state dict)."""
+    if isinstance(ckpt.get("vits_fast"), Mapping):
+        return "vits_fast"
+    version = str(ckpt.get("pytorch-lightning_version") or "")
+    if version.startswith("1."):
+        return "lightning1"
+    if version[:1].isdigit():
+        return "lightning2"
+    return "other"
+
+
+def batches_done(ckpt: Mapping[str, Any]) -> Any:
+    """Training batches a checkpoint's ``global_step`` stands for: ``global_step //``
+    :data:`OPTIMIZER_STEPS_PER_BATCH` for Lightning-written (Piper) checkpoints and vits_fast's current ones;
+    vits_fast checkpoints written before that convention (no ``optimizer_steps_per_batch`` recorded) counted
+    batches. A value that is no non-negative integer is returned as it is, for the caller to refuse."""
+    step = ckpt.get("global_step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return step
+    extra = ckpt.get("vits_fast")
+    per_batch = extra.get("optimizer_steps_per_batch", 1) if isinstance(extra, Mapping) else OPTIMIZER_STEPS_PER_BATCH
+    return step // per_batch if isinstance(per_batch, int) and per_batch >= 1 else per_batch
+
+
+def _progress(done: int, *, started: bool = True, processed: bool = True) -> Dict[str, Any]:
+    one = {"ready": done, "completed": done}
+    if started:
+        one["started"] = done
+    if processed:
+        one["processed"] = done
+    return {"current": dict(one), "total": dict(one)}
+
+
+def lightning_loops(version: str, *, epoch: int, batches: int, batch_in_epoch: int,
+                    scheduler_steps: int = 0) -> Dict[str, Any]:
+    """The ``loops`` entry Lightning restores a fit from, in the layout of Lightning ``version`` (1.x: the
+    ``batch_loop`` nesting; 2.x: flat), for ``batches`` trained batches of which ``batch_in_epoch`` in the
+    current ``epoch``, and ``scheduler_steps`` learning-rate scheduler steps. Both the automatic (rhasspy Piper) and manual (piper1-gpl) optimizer-step counters hold
+    ``batches *`` :data:`OPTIMIZER_STEPS_PER_BATCH`, so ``trainer.global_step`` resumes right in either mode."""
+    steps = batches * OPTIMIZER_STEPS_PER_BATCH
+    batch_progress = _progress(batches)
+    for part in ("ready", "completed", "started", "processed"):
+        batch_progress["current"][part] = batch_in_epoch
+    batch_progress["is_last_batch"] = False
+    auto = {"optimizer": {"step": _progress(steps, started=False, processed=False),
+                          "zero_grad": _progress(steps, processed=False)}}
+    manual = _progress(steps, started=False, processed=False)
+    idle = _progress(0)
+    idle["is_last_batch"] = False
+    fit: Dict[str, Any] = {"epoch_loop.batch_progress": batch_progress,
+                           "epoch_loop.scheduler_progress": _progress(scheduler_steps, started=False, processed=False),
+                           "epoch_loop.state_dict": {"_batches_that_stepped": batches},
+                           "epoch_progress": _progress(epoch), "state_dict": {}}
+    if str(version).startswith("1."):
+        auto["optimizer_position"] = 0
+        fit.update({"epoch_loop.batch_loop.optimizer_loop.optim_progress": auto,
+                    "epoch_loop.batch_loop.optimizer_loop.state_dict": {},
+                    "epoch_loop.batch_loop.manual_loop.optim_step_progress": manual,
+                    "epoch_loop.batch_loop.manual_loop.state_dict": {},
+                    "epoch_loop.batch_loop.state_dict": {},
+                    "epoch_loop.val_loop.dataloader_progress": _progress(0, started=False, processed=False),
+                    "epoch_loop.val_loop.epoch_loop.batch_progress": idle,
+                    "epoch_loop.val_loop.epoch_loop.state_dict": {},
+                    "epoch_loop.val_loop.state_dict": {}})
+        return {"fit_loop": fit}
+    fit.update({"epoch_loop.automatic_optimization.optim_progress": auto,
+                "epoch_loop.automatic_optimization.state_dict": {},
+                "epoch_loop.manual_optimization.optim_step_progress": manual,
+                "epoch_loop.manual_optimization.state_dict": {},
+                "epoch_loop.val_loop.batch_progress": idle, "epoch_loop.val_loop.state_dict": {}})
+    loops = {"fit_loop": fit}
+    for name in ("validate_loop", "test_loop", "predict_loop"):
+        loops[name] = {"batch_progress": dict(idle), "state_dict": {}}
+    return loops
 
 
 def match_keys(model: torch.nn.Module, source: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -847,22 +955,51 @@ def atomic_save(obj: Any, path: PathLike) -> None:
 
 def build_checkpoint(model_g: torch.nn.Module, model_d: torch.nn.Module, optimizers: List[torch.optim.Optimizer],
                      schedulers: List[Any], epoch: int, global_step: int, hyper_parameters: Mapping[str, Any],
-                     extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                     extra: Optional[Mapping[str, Any]] = None, *, lightning_version: str = LIGHTNING_VERSION,
+                     batch_in_epoch: int = 0, piper_discriminator: Optional[torch.nn.Module] = None,
+                     kept_state: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, Any]:
     """The Lightning-layout dict described in the module docstring, with the checksum of its tensors
-    (:func:`tensor_checksum`) in ``vits_fast.tensor_sha256``."""
+    (:func:`tensor_checksum`) in ``vits_fast.tensor_sha256``.
+
+    ``global_step`` is written as given (Lightning's count: :data:`OPTIMIZER_STEPS_PER_BATCH` per batch, recorded
+    as ``vits_fast.optimizer_steps_per_batch``); ``loops`` (:func:`lightning_loops`, in the layout of
+    ``lightning_version``) says the same, with ``batch_in_epoch`` batches done in ``epoch``.
+
+    ``piper_discriminator``: when ``model_d`` is not Piper's shape (the shrunk CPU-demo discriminator), the
+    Piper-shaped module whose weights go under ``model_d.*`` instead, so that Piper's strict loader reads the
+    file; ``model_d``'s trained weights and optimizer state then go to ``vits_fast.discriminator``
+    (``{"state_dict", "optimizer_state"}``, what vits_fast resumes from, see :func:`discriminator_state`) and the
+    second ``optimizer_states`` entry keeps only its settings (no moments: Piper's discriminator starts afresh).
+    ``kept_state``: further ``state_dict`` entries written back untouched (a source checkpoint's ``model_mrd.*``).
+    """
     state_dict: Dict[str, torch.Tensor] = collections.OrderedDict()
-    for prefix, model in (("model_g.", model_g), ("model_d.", model_d)):
+    stored_d = model_d if piper_discriminator is None else piper_discriminator
+    for prefix, model in (("model_g.", model_g), ("model_d.", stored_d)):
         for key, value in model.state_dict().items():
             state_dict[prefix + key] = value
+    state_dict.update(kept_state or {})
+    opt_states = [opt.state_dict() for opt in optimizers]
+    extra = dict(extra or {})
+    if piper_discriminator is not None:
+        extra["discriminator"] = {"state_dict": collections.OrderedDict(model_d.state_dict()),
+                                  "optimizer_state": opt_states[1] if len(opt_states) == 2 else None}
+        if len(opt_states) == 2:
+            opt_states[1] = {"state": {}, "param_groups": opt_states[1]["param_groups"]}
+    extra["optimizer_steps_per_batch"] = OPTIMIZER_STEPS_PER_BATCH
     ckpt = {
         "epoch": int(epoch),
         "global_step": int(global_step),
-        "pytorch-lightning_version": LIGHTNING_VERSION,
+        "pytorch-lightning_version": str(lightning_version),
         "state_dict": state_dict,
-        "optimizer_states": [opt.state_dict() for opt in optimizers],
+        "loops": lightning_loops(lightning_version, epoch=int(epoch),
+                                 batches=int(global_step) // OPTIMIZER_STEPS_PER_BATCH,
+                                 batch_in_epoch=int(batch_in_epoch),
+                                 scheduler_steps=max(0, int(getattr(schedulers[0], "last_epoch", 0)))
+                                 if schedulers else 0),
+        "optimizer_states": opt_states,
         "lr_schedulers": [sched.state_dict() for sched in schedulers],
         "hyper_parameters": dict(hyper_parameters),
-        "vits_fast": dict(extra or {}),
+        "vits_fast": extra,
     }
     ckpt["vits_fast"]["tensor_sha256"] = tensor_checksum(ckpt)
     return ckpt

@@ -370,10 +370,15 @@ class Trainer:
         self.model_d.to(self.device)
         if self.resume_ckpt is None and init_ckpt is not None:
             self._init_weights(init_ckpt, args.init_from)
+        self._source_conventions(source_ckpt, resume_path or args.init_from)
+        hp = self.source_hp
         self.optim_g = adamw(self.model_g.parameters(), self.device, lr=args.learning_rate)
-        self.optim_d = adamw(self.model_d.parameters(), self.device, lr=args.learning_rate)
+        # The discriminator's own settings where the source has them (piper1-gpl: 1e-4, (0.5, 0.9), 0.9999);
+        # rhasspy Piper and fresh runs use the generator's.
+        self.optim_d = adamw(self.model_d.parameters(), self.device, lr=float(hp.get("learning_rate_d", args.learning_rate)),
+                             betas=tuple(float(b) for b in hp.get("betas_d", (0.8, 0.99))))
         self.sched_g = torch.optim.lr_scheduler.ExponentialLR(self.optim_g, gamma=args.lr_decay)
-        self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, gamma=args.lr_decay)
+        self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.optim_d, gamma=float(hp.get("lr_decay_d", args.lr_decay)))
         self.amp_dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "16")
         self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
@@ -387,6 +392,33 @@ class Trainer:
             self._wrap_ddp()
         if self.is_main:
             self._write_voice_config()
+
+    def _source_conventions(self, ckpt: Optional[Dict[str, Any]], path: Any) -> None:
+        """Keep the conventions of the trainer that wrote ``ckpt`` (see README, "Checkpoints across trainers"):
+        its hyper-parameters (all written back), Lightning version and loop layout, learning-rate schedule, and
+        any ``state_dict`` part vits_fast does not train (``model_mrd.*``: kept untouched)."""
+        origin = ckpt_lib.checkpoint_origin(ckpt) if ckpt is not None else "fresh"
+        extra = ckpt.get("vits_fast") if origin == "vits_fast" else None
+        hp = ckpt_lib.to_plain(ckpt.get("hyper_parameters") or {}) if ckpt is not None else {}
+        self.source_hp: Dict[str, Any] = dict(hp) if isinstance(hp, dict) else {}
+        if origin in ("lightning1", "lightning2") or (extra is not None and "optimizer_steps_per_batch" in extra):
+            self.lightning_version = str(ckpt["pytorch-lightning_version"])
+        else:  # fresh, bare, or a vits_fast file from before the Lightning step convention (it claimed 1.7.7)
+            self.lightning_version = ckpt_lib.LIGHTNING_VERSION
+        # piper1-gpl optimizes manually under Lightning 2, which then never steps its schedulers: constant rates.
+        recorded = extra.get("lr_schedule") if extra is not None else None
+        self.lr_schedule = recorded if recorded in ("per_epoch", "none") else (
+            "none" if origin == "lightning2" else "per_epoch")
+        state = (ckpt.get("state_dict") if ckpt is not None else None) or {}
+        self.kept_state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and "." in k
+                           and not k.startswith(("model_g.", "model_d."))}
+        if self.is_main and ckpt is not None:
+            _LOGGER.info("%s: written by %s (Lightning %s); learning-rate schedule: %s", path, origin,
+                         ckpt.get("pytorch-lightning_version"), self.lr_schedule)
+            if self.kept_state:
+                parts = sorted({k.split(".", 1)[0] for k in self.kept_state})
+                _LOGGER.warning("%s: %s (%d tensors) is not trained by vits_fast; it is written back unchanged",
+                                path, ", ".join(parts), len(self.kept_state))
 
     def _architecture_from(self, ckpt: Dict[str, Any], path: Any) -> Tuple[Dict[str, Any], AudioConfig, Optional[str]]:
         """Model kwargs, audio settings and quality of a checkpoint (see
@@ -417,6 +449,7 @@ class Trainer:
             g = {k: v for k, v in g.items() if not k.startswith("emb_g.")}
             note = (f"speaker count {arch['num_speakers']} -> {n_target}: dropped emb_g ({len(dropped)} tensor), "
                     f"kept the conditioning layers")
+        d = ckpt_lib.discriminator_state(ckpt)[0]
         left = ckpt_lib.load_weights(self.model_g, g, f"{path} (generator)")
         if d:
             ckpt_lib.load_weights(self.model_d, d, f"{path} (discriminator)")
@@ -430,12 +463,15 @@ class Trainer:
     def _restore(self, ckpt: Dict[str, Any], path: Path) -> None:
         """Continue from ``ckpt``: weights, optimizers, schedulers, counters, RNG and grad scaler. A field that
         cannot be used is a :class:`vits_fast.checkpoint.CheckpointError` naming it."""
-        g, d = ckpt_lib.generator_state(ckpt)
+        g = ckpt_lib.generator_state(ckpt)[0]
+        d, opt_d_state = ckpt_lib.discriminator_state(ckpt)
         ckpt_lib.load_weights(self.model_g, g, f"{path} (generator)")
         if d:
             ckpt_lib.load_weights(self.model_d, d, f"{path} (discriminator)")
         extra = ckpt.get("vits_fast") or {}
-        counters = {"epoch": ckpt.get("epoch", 0), "global_step": ckpt.get("global_step", 0),
+        # global_step counts optimizer steps (two per batch) except in early vits_fast files; Lightning's own
+        # files resume at the start of an epoch, as Lightning does with a plain data loader.
+        counters = {"epoch": ckpt.get("epoch", 0), "global_step": ckpt_lib.batches_done(ckpt),
                     "batch_in_epoch": extra.get("batch_in_epoch", 0) if isinstance(extra, dict) else None}
         for name, value in counters.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -457,7 +493,7 @@ class Trainer:
         opt_states = ckpt.get("optimizer_states") or []
         if len(opt_states) == 2:
             restore("optimizer_states", lambda: (self.optim_g.load_state_dict(opt_states[0]),
-                                                 self.optim_d.load_state_dict(opt_states[1])))
+                                                 self.optim_d.load_state_dict(opt_d_state)))
         scheds = ckpt.get("lr_schedulers") or []
         if len(scheds) == 2:
             restore("lr_schedulers", lambda: (self.sched_g.load_state_dict(scheds[0]),
@@ -667,12 +703,19 @@ class Trainer:
         return paths
 
     def hyper_parameters(self) -> Dict[str, Any]:
+        """Piper ``VitsModel`` keyword arguments of this run, over every other one the source checkpoint carried
+        (kept even where vits_fast does not use it). Optimizer settings are the optimizers' own (a resumed
+        state brings the file's). ``mos_metric`` defaults to None: piper1-gpl would otherwise download UTMOS."""
         a = self.args
-        return ckpt_lib.piper_hyper_parameters(self.model_kwargs, self.audio, num_speakers=self.num_speakers, training=dict(
-            learning_rate=a.learning_rate, betas=(0.8, 0.99), eps=1e-9, batch_size=self.batch_size,
-            lr_decay=a.lr_decay, init_lr_ratio=1.0, warmup_epochs=0, c_mel=int(C_MEL), c_kl=C_KL,
+        (g_group,), (d_group,) = self.optim_g.param_groups, self.optim_d.param_groups
+        kept = {"mos_metric": None, **self.source_hp}
+        return {**kept, **ckpt_lib.piper_hyper_parameters(self.model_kwargs, self.audio, num_speakers=self.num_speakers, training=dict(
+            learning_rate=float(g_group["initial_lr"]), betas=tuple(g_group["betas"]), eps=float(g_group["eps"]),
+            learning_rate_d=float(d_group["initial_lr"]), betas_d=tuple(d_group["betas"]),
+            lr_decay=float(self.sched_g.gamma), lr_decay_d=float(self.sched_d.gamma), batch_size=self.batch_size,
+            init_lr_ratio=1.0, warmup_epochs=0, c_mel=int(C_MEL), c_kl=C_KL,
             grad_clip=a.grad_clip, num_workers=self.num_workers, seed=a.seed, num_test_examples=a.num_test_examples,
-            validation_split=a.validation_split, max_phoneme_ids=a.max_phoneme_ids, quality=self.quality))
+            validation_split=a.validation_split, max_phoneme_ids=a.max_phoneme_ids, quality=self.quality))}
 
     def save(self) -> Optional[Path]:
         """Write ``epoch=E-step=S.ckpt`` and ``last.ckpt`` (rank 0 only); keep the newest ``--keep-checkpoints``."""
@@ -682,12 +725,14 @@ class Trainer:
         extra = {"model_kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model_kwargs.items()},
                  "audio": self.audio.to_dict(), "quality": self.quality, "batch_in_epoch": self.batch_in_epoch,
                  "rng": ckpt_lib.rng_state(), "speaker_id_map": self.info.speaker_id_map,
-                 "phoneme_type": self.phoneme_type}
+                 "phoneme_type": self.phoneme_type, "lr_schedule": self.lr_schedule}
         if self.scaler.is_enabled():
             extra["grad_scaler"] = self.scaler.state_dict()
-        data = ckpt_lib.build_checkpoint(self.model_g, self.model_d, [self.optim_g, self.optim_d],
-                                         [self.sched_g, self.sched_d], self.epoch, self.global_step,
-                                         self.hyper_parameters(), extra)
+        data = ckpt_lib.build_checkpoint(
+            self.model_g, self.model_d, [self.optim_g, self.optim_d], [self.sched_g, self.sched_d], self.epoch,
+            self.global_step * ckpt_lib.OPTIMIZER_STEPS_PER_BATCH, self.hyper_parameters(), extra,
+            lightning_version=self.lightning_version, batch_in_epoch=self.batch_in_epoch,
+            piper_discriminator=self._piper_discriminator(), kept_state=self.kept_state)
         path = self.ckpt_dir / f"epoch={self.epoch}-step={self.global_step}.ckpt"
         ckpt_lib.atomic_save(data, path)
         last = self.ckpt_dir / "last.ckpt"
@@ -700,6 +745,21 @@ class Trainer:
             self.written.pop(0).unlink(missing_ok=True)
         _LOGGER.info("saved %s", path)
         return path
+
+    def _piper_discriminator(self) -> Optional[MultiPeriodDiscriminator]:
+        """None when the discriminator trained is Piper's shape; else a fresh full-size one (built once, seeded,
+        on the side of the training RNG) that checkpoints store under ``model_d.*`` for Piper's strict loader,
+        ~188 MB per file; the trained shrunk one is kept in ``vits_fast.discriminator``."""
+        if _discriminator_divisor(self.model_d.state_dict(), 1) == 1:
+            return None
+        if getattr(self, "_fresh_piper_d", None) is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.args.seed)
+                self._fresh_piper_d = MultiPeriodDiscriminator()
+            _LOGGER.warning("the discriminator trained here is shrunk %dx for speed; checkpoints give Piper a fresh "
+                            "full-size one (model_d), which Piper would re-train; vits_fast resumes the trained one",
+                            _discriminator_divisor(self.model_d.state_dict(), 1))
+        return self._fresh_piper_d
 
     def _check_weights_finite(self) -> None:
         """Refuse to save NaN/inf weights (one host read per checkpoint): the last good checkpoints stay."""
@@ -774,9 +834,10 @@ class Trainer:
                     self.batch_in_epoch += 1
                     window_samples += len(batch) * self.world
                     window_steps += 1
-                    if self.batch_in_epoch >= n_batches:  # epoch boundary: Piper steps the schedulers here
-                        self.sched_g.step()
-                        self.sched_d.step()
+                    if self.batch_in_epoch >= n_batches:  # epoch boundary: rhasspy Piper steps the schedulers here
+                        if self.lr_schedule == "per_epoch":
+                            self.sched_g.step()
+                            self.sched_d.step()
                         self.epoch += 1
                         self.batch_in_epoch = 0
                     reader.push(out, {"step": self.global_step, "epoch": epoch_at_start, "lr": lr, "last": done()})
