@@ -364,7 +364,7 @@ class Trainer:
         self.model_d = MultiPeriodDiscriminator()
         divisor = TINY_DISCRIMINATOR_DIVISOR if quality == "tiny" else 1
         if source_ckpt is not None:
-            divisor = _discriminator_divisor(ckpt_lib.generator_state(source_ckpt)[1], divisor)
+            divisor = _discriminator_divisor(ckpt_lib.discriminator_state(source_ckpt)[0], divisor)
         if divisor > 1:
             shrink_discriminator(self.model_d, divisor)
         self.model_d.to(self.device)
@@ -490,10 +490,17 @@ class Trainer:
                 raise ckpt_lib.CheckpointError(f"--resume {path}: its {name} cannot be restored "
                                                f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
 
+        def load_optimizer(opt: torch.optim.Optimizer, state: Any) -> None:
+            # The file's settings (lr, betas, ...) but our implementation flags: Piper's AdamW is not fused.
+            flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
+            opt.load_state_dict(state)
+            for group, own in zip(opt.param_groups, flags):
+                group.update(own)
+
         opt_states = ckpt.get("optimizer_states") or []
         if len(opt_states) == 2:
-            restore("optimizer_states", lambda: (self.optim_g.load_state_dict(opt_states[0]),
-                                                 self.optim_d.load_state_dict(opt_d_state)))
+            restore("optimizer_states", lambda: (load_optimizer(self.optim_g, opt_states[0]),
+                                                 load_optimizer(self.optim_d, opt_d_state)))
         scheds = ckpt.get("lr_schedulers") or []
         if len(scheds) == 2:
             restore("lr_schedulers", lambda: (self.sched_g.load_state_dict(scheds[0]),
