@@ -10,8 +10,10 @@ build upstream's Cython alignment module; the fits here use vits_fast's compiled
 """
 
 import functools
+import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +40,7 @@ TINY_UPSTREAM = dict(batch_size=2, sample_rate=16000, num_symbols=256, num_speak
                      upsample_rates=(4, 4, 4), upsample_initial_channel=16, upsample_kernel_sizes=(8, 8, 8),
                      filter_length=256, hop_length=64, win_length=256, mel_channels=40, inter_channels=16,
                      hidden_channels=16, filter_channels=32, n_layers=1, segment_size=1024, mos_metric=None)
+DATA = Path(__file__).parent / "data"
 #: Hyper-parameters of piper1-gpl that vits_fast does not use but must keep.
 UPSTREAM_ONLY = ("learning_rate_d", "betas_d", "lr_decay_d", "use_mrd", "warmstart_ckpt", "vocoder_warmstart_ckpt",
                  "mos_metric")
@@ -115,6 +118,8 @@ def test_demo_checkpoint_is_read_exported_and_resumed_by_upstream(corpus, cache_
     for key, value in t.model_g.state_dict().items():
         torch.testing.assert_close(model.model_g.state_dict()[key], value, rtol=0, atol=0)
     assert model.model_d.state_dict().keys() == t._piper_discriminator().state_dict().keys()
+    assert raw["state_dict"]["model_d.discriminators.0.convs.0.weight_v"].dtype == torch.float16  # placeholder: half size
+    assert (out / "checkpoints" / "last.ckpt").samefile(out / "checkpoints" / "epoch=0-step=1.ckpt")  # one copy
     # Upstream accepts every hyper-parameter the tiny preset writes (its VitsModel took them above).
     assert model.hparams.learning_rate_d == t.optim_d.param_groups[0]["lr"]
 
@@ -148,6 +153,7 @@ def test_lightning2_checkpoint_round_trip(corpus, cache_dir, tmp_path, monkeypat
     mine = ck.load_checkpoint(out / "checkpoints" / "last.ckpt")
     assert mine["global_step"] == 4 and mine["pytorch-lightning_version"] == theirs["pytorch-lightning_version"]
     assert "discriminator" not in mine["vits_fast"]  # Piper's full-size discriminator was trained as it is
+    assert _key_tree(mine["loops"]) == _key_tree(theirs["loops"])  # the layout Lightning 2 writes and reads
     hp_theirs, hp_mine = ck.to_plain(theirs["hyper_parameters"]), ck.to_plain(mine["hyper_parameters"])
     assert set(hp_theirs) <= set(hp_mine)
     for key in UPSTREAM_ONLY:
@@ -159,6 +165,108 @@ def test_lightning2_checkpoint_round_trip(corpus, cache_dir, tmp_path, monkeypat
     _, watch = _upstream_fit(tmp_path, 6, ckpt_path=out / "checkpoints" / "last.ckpt")
     assert watch.start_step == 4 and watch.batches == 1
     assert watch.d_settings == (1e-4, (0.5, 0.9))
+
+
+def test_lightning2_multi_resolution_discriminator_is_kept_untouched(corpus, cache_dir, tmp_path, monkeypatch):
+    source, _ = _upstream_fit(tmp_path, 2, hp={**TINY_UPSTREAM, "use_mrd": True})
+    theirs = ck.load_checkpoint(source)
+    mrd = {k: v for k, v in theirs["state_dict"].items() if k.startswith("model_mrd.")}
+    n_mpd = sum(k.startswith("model_d.") for k in theirs["state_dict"])
+    assert mrd and len(theirs["optimizer_states"][1]["param_groups"][0]["params"]) > n_mpd
+    out = tmp_path / "run"
+    t = _trainer(_args(corpus, cache_dir, out, "--resume", str(source), "--max-steps", "2"))
+    t.fit()
+    mine = ck.load_checkpoint(out / "checkpoints" / "last.ckpt")
+    for key, value in mrd.items():  # weights and Adam moments of model_mrd exactly as upstream left them
+        torch.testing.assert_close(mine["state_dict"][key], value, rtol=0, atol=0)
+    before, after = theirs["optimizer_states"][1], mine["optimizer_states"][1]
+    assert after["param_groups"][0]["params"] == before["param_groups"][0]["params"]
+    n_own = len(list(t.model_d.parameters()))
+    for i in before["param_groups"][0]["params"][n_own:]:
+        torch.testing.assert_close(after["state"][i]["exp_avg"], before["state"][i]["exp_avg"], rtol=0, atol=0)
+    assert not torch.equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])  # model_d did train
+    assert ck.to_plain(mine["hyper_parameters"])["use_mrd"] is True
+
+    _upstream_reads(out / "checkpoints" / "last.ckpt", tmp_path, monkeypatch)
+    _, watch = _upstream_fit(tmp_path, 6, ckpt_path=out / "checkpoints" / "last.ckpt")
+    assert watch.start_step == 4 and watch.batches == 1
+
+
+def _from_skeleton(obj, g, name=""):
+    """A checkpoint object rebuilt from ``tests/data/lightning1_skeleton.json``: random tensors of the recorded
+    shapes and dtypes (Adam's second moments positive, its step counts 2), every other field as rhasspy Piper's
+    trainer wrote it."""
+    if isinstance(obj, dict) and set(obj) == {"tensor", "dtype"}:
+        dtype = getattr(torch, obj["dtype"])
+        if name == "step":
+            return torch.full(obj["tensor"], 2, dtype=dtype)
+        value = torch.randn(obj["tensor"], generator=g) * 0.1
+        return (value.abs() * 1e-3 if name == "exp_avg_sq" else value).to(dtype)
+    if isinstance(obj, dict):
+        return {(int(k) if k.isdigit() else k): _from_skeleton(v, g, k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_skeleton(v, g, name) for v in obj]
+    return obj
+
+
+def _key_tree(obj):
+    """The nested key structure of a dict (what Lightning's loops read), values dropped."""
+    return {k: _key_tree(v) for k, v in obj.items()} if isinstance(obj, dict) else None
+
+
+@pytest.fixture(scope="module")
+def lightning1_ckpt(tmp_path_factory):
+    """A Lightning-1 (rhasspy Piper) checkpoint after one batch: see tests/interop/rhasspy_piper.py."""
+    skeleton = json.loads((DATA / "lightning1_skeleton.json").read_text())
+    skeleton.pop("_made_by")
+    ckpt = _from_skeleton(skeleton, torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("lightning1") / "lightning1.ckpt"
+    torch.save(ckpt, path)
+    return path, skeleton
+
+
+@pytest.mark.parametrize("how", ["--resume", "--init-from"])
+def test_lightning1_checkpoint_round_trip(corpus, cache_dir, tmp_path, lightning1_ckpt, how):
+    source, skeleton = lightning1_ckpt
+    theirs = ck.load_checkpoint(source)
+    assert ck.checkpoint_origin(theirs) == "lightning1" and ck.batches_done(theirs) == 1
+    out = tmp_path / "run"
+    t = _trainer(_args(corpus, cache_dir, out, how, str(source), "--max-steps", "2"))
+    assert t.global_step == (1 if how == "--resume" else 0)
+    # rhasspy Piper: both optimizers with the generator's settings, both schedules stepped once per epoch.
+    for opt, sched in ((t.optim_g, t.sched_g), (t.optim_d, t.sched_d)):
+        group = opt.param_groups[0]
+        assert (group["lr"], tuple(group["betas"]), sched.gamma) == (2e-4, (0.8, 0.99), 0.999875)
+    assert t.lr_schedule == "per_epoch"
+    t.fit()
+    mine = ck.load_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert mine["global_step"] == 4 and mine["pytorch-lightning_version"] == skeleton["pytorch-lightning_version"]
+    # The loops in the layout rhasspy Piper's Lightning wrote and reads, counting 2 batches (4 optimizer steps).
+    assert _key_tree(mine["loops"]) == _key_tree(skeleton["loops"])
+    fit = mine["loops"]["fit_loop"]
+    assert fit["epoch_loop.batch_loop.optimizer_loop.optim_progress"]["optimizer"]["step"]["total"]["completed"] == 4
+    assert fit["epoch_loop.state_dict"]["_batches_that_stepped"] == 2
+    hp_theirs, hp_mine = skeleton["hyper_parameters"], ck.to_plain(mine["hyper_parameters"])
+    for key, value in hp_theirs.items():
+        if key not in ("learning_rate", "betas", "lr_decay", "batch_size", "num_workers", "num_test_examples",
+                       "validation_split", "max_phoneme_ids", "seed", "grad_clip", "dataset"):  # the run's own
+            assert json.loads(json.dumps(hp_mine[key])) == value, key  # tuples written, lists in the JSON
+
+
+def test_optimizer_state_split_and_join_are_inverse():
+    p = [torch.nn.Parameter(torch.randn(3)) for _ in range(5)]
+    opt = torch.optim.AdamW(p)
+    sum(x.sum() for x in p).backward()
+    opt.step()
+    state = opt.state_dict()
+    head, tail = ck.split_optimizer_state(state, 2)
+    assert head["param_groups"][0]["params"] == [0, 1] and set(head["state"]) == {0, 1}
+    assert tail["params"] == 3 and set(tail["state"]) == {0, 1, 2}
+    torch.optim.AdamW(p[:2]).load_state_dict(head)  # loadable by an optimizer over the head only
+    joined = ck.join_optimizer_state(head, tail)
+    assert joined["param_groups"] == state["param_groups"]
+    for i, one in state["state"].items():
+        torch.testing.assert_close(joined["state"][i]["exp_avg"], one["exp_avg"], rtol=0, atol=0)
 
 
 def test_loops_layouts_follow_the_lightning_version():

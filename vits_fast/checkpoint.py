@@ -584,7 +584,13 @@ def lightning_loops(version: str, *, epoch: int, batches: int, batch_in_epoch: i
                     "epoch_loop.val_loop.epoch_loop.batch_progress": idle,
                     "epoch_loop.val_loop.epoch_loop.state_dict": {},
                     "epoch_loop.val_loop.state_dict": {}})
-        return {"fit_loop": fit}
+        loops = {"fit_loop": fit}
+        for name in ("validate_loop", "test_loop", "predict_loop"):
+            batches_idle = idle if name != "predict_loop" else _progress(0)
+            loops[name] = {"dataloader_progress": _progress(0, started=False, processed=False),
+                           "epoch_loop.batch_progress": dict(batches_idle), "epoch_loop.state_dict": {},
+                           "state_dict": {}}
+        return loops
     fit.update({"epoch_loop.automatic_optimization.optim_progress": auto,
                 "epoch_loop.automatic_optimization.state_dict": {},
                 "epoch_loop.manual_optimization.optim_step_progress": manual,
@@ -592,8 +598,32 @@ def lightning_loops(version: str, *, epoch: int, batches: int, batch_in_epoch: i
                 "epoch_loop.val_loop.batch_progress": idle, "epoch_loop.val_loop.state_dict": {}})
     loops = {"fit_loop": fit}
     for name in ("validate_loop", "test_loop", "predict_loop"):
-        loops[name] = {"batch_progress": dict(idle), "state_dict": {}}
+        loops[name] = {"batch_progress": dict(idle if name != "predict_loop" else _progress(0)), "state_dict": {}}
     return loops
+
+
+def split_optimizer_state(state: Mapping[str, Any], n: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(head, tail)`` of a one-group optimizer state dict over more parameters than vits_fast trains: ``head``
+    holds its first ``n`` parameters (what an optimizer over those loads), ``tail`` the rest as ``{"params": count,
+    "state": {index from 0: per-parameter state}}`` — piper1-gpl's discriminator optimizer also steps its
+    multi-resolution discriminator (``model_mrd``), whose parameters come after ``model_d``'s."""
+    (group,) = state["param_groups"]
+    ids = list(group["params"])
+    head = {"state": {i: v for i, v in state["state"].items() if i in ids[:n]},
+            "param_groups": [{**group, "params": ids[:n]}]}
+    tail = {"params": len(ids) - n, "state": {ids.index(i) - n: v for i, v in state["state"].items() if i in ids[n:]}}
+    return head, tail
+
+
+def join_optimizer_state(state: Mapping[str, Any], tail: Mapping[str, Any]) -> Dict[str, Any]:
+    """``state`` (one param group) with the parameters of ``tail`` (see :func:`split_optimizer_state`) after its
+    own, numbered on from its last."""
+    (group,) = state["param_groups"]
+    start = max(group["params"], default=-1) + 1
+    joined = dict(state["state"])
+    joined.update({start + i: v for i, v in tail["state"].items()})
+    return {"state": joined, "param_groups": [{**group, "params": list(group["params"]) + list(
+        range(start, start + tail["params"]))}]}
 
 
 def match_keys(model: torch.nn.Module, source: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -957,7 +987,8 @@ def build_checkpoint(model_g: torch.nn.Module, model_d: torch.nn.Module, optimiz
                      schedulers: List[Any], epoch: int, global_step: int, hyper_parameters: Mapping[str, Any],
                      extra: Optional[Mapping[str, Any]] = None, *, lightning_version: str = LIGHTNING_VERSION,
                      batch_in_epoch: int = 0, piper_discriminator: Optional[torch.nn.Module] = None,
-                     kept_state: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, Any]:
+                     kept_state: Optional[Mapping[str, torch.Tensor]] = None,
+                     kept_d_optimizer: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The Lightning-layout dict described in the module docstring, with the checksum of its tensors
     (:func:`tensor_checksum`) in ``vits_fast.tensor_sha256``.
 
@@ -970,7 +1001,9 @@ def build_checkpoint(model_g: torch.nn.Module, model_d: torch.nn.Module, optimiz
     file; ``model_d``'s trained weights and optimizer state then go to ``vits_fast.discriminator``
     (``{"state_dict", "optimizer_state"}``, what vits_fast resumes from, see :func:`discriminator_state`) and the
     second ``optimizer_states`` entry keeps only its settings (no moments: Piper's discriminator starts afresh).
-    ``kept_state``: further ``state_dict`` entries written back untouched (a source checkpoint's ``model_mrd.*``).
+    ``kept_state``: further ``state_dict`` entries written back untouched (a source checkpoint's ``model_mrd.*``),
+    ``kept_d_optimizer``: their part of the discriminator optimizer's state (:func:`split_optimizer_state`), joined
+    back after ``model_d``'s.
     """
     state_dict: Dict[str, torch.Tensor] = collections.OrderedDict()
     stored_d = model_d if piper_discriminator is None else piper_discriminator
@@ -985,6 +1018,8 @@ def build_checkpoint(model_g: torch.nn.Module, model_d: torch.nn.Module, optimiz
                                   "optimizer_state": opt_states[1] if len(opt_states) == 2 else None}
         if len(opt_states) == 2:
             opt_states[1] = {"state": {}, "param_groups": opt_states[1]["param_groups"]}
+    if kept_d_optimizer is not None and len(opt_states) == 2:
+        opt_states[1] = join_optimizer_state(opt_states[1], kept_d_optimizer)
     extra["optimizer_steps_per_batch"] = OPTIMIZER_STEPS_PER_BATCH
     ckpt = {
         "epoch": int(epoch),

@@ -412,6 +412,16 @@ class Trainer:
         state = (ckpt.get("state_dict") if ckpt is not None else None) or {}
         self.kept_state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and "." in k
                            and not k.startswith(("model_g.", "model_d."))}
+        # piper1-gpl's discriminator optimizer also steps model_mrd: its share of that state is kept beside ours
+        # (moments only when resuming; fine-tuning starts every optimizer afresh).
+        self.kept_d_optimizer: Optional[Dict[str, Any]] = None
+        opt_d = ckpt_lib.discriminator_state(ckpt)[1] if ckpt is not None and self.kept_state else None
+        n_d = len(list(self.model_d.parameters()))
+        if isinstance(opt_d, dict) and len(opt_d.get("param_groups") or []) == 1 and \
+                len(opt_d["param_groups"][0].get("params", [])) > n_d:
+            self.d_optimizer_head, self.kept_d_optimizer = ckpt_lib.split_optimizer_state(opt_d, n_d)
+            if ckpt is not self.resume_ckpt:
+                self.kept_d_optimizer["state"] = {}
         if self.is_main and ckpt is not None:
             _LOGGER.info("%s: written by %s (Lightning %s); learning-rate schedule: %s", path, origin,
                          ckpt.get("pytorch-lightning_version"), self.lr_schedule)
@@ -465,6 +475,8 @@ class Trainer:
         cannot be used is a :class:`vits_fast.checkpoint.CheckpointError` naming it."""
         g = ckpt_lib.generator_state(ckpt)[0]
         d, opt_d_state = ckpt_lib.discriminator_state(ckpt)
+        if self.kept_d_optimizer is not None:  # without model_mrd's part (see _source_conventions)
+            opt_d_state = self.d_optimizer_head
         ckpt_lib.load_weights(self.model_g, g, f"{path} (generator)")
         if d:
             ckpt_lib.load_weights(self.model_d, d, f"{path} (discriminator)")
@@ -739,12 +751,17 @@ class Trainer:
             self.model_g, self.model_d, [self.optim_g, self.optim_d], [self.sched_g, self.sched_d], self.epoch,
             self.global_step * ckpt_lib.OPTIMIZER_STEPS_PER_BATCH, self.hyper_parameters(), extra,
             lightning_version=self.lightning_version, batch_in_epoch=self.batch_in_epoch,
-            piper_discriminator=self._piper_discriminator(), kept_state=self.kept_state)
+            piper_discriminator=self._piper_discriminator(), kept_state=self.kept_state,
+            kept_d_optimizer=self.kept_d_optimizer)
         path = self.ckpt_dir / f"epoch={self.epoch}-step={self.global_step}.ckpt"
         ckpt_lib.atomic_save(data, path)
         last = self.ckpt_dir / "last.ckpt"
         tmp = self.ckpt_dir / "last.ckpt.tmp"
-        shutil.copyfile(path, tmp)
+        tmp.unlink(missing_ok=True)
+        try:  # a second name for the same file: no second copy on disk
+            os.link(path, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, tmp)
         os.replace(tmp, last)
         if path not in self.written:
             self.written.append(path)
@@ -755,14 +772,15 @@ class Trainer:
 
     def _piper_discriminator(self) -> Optional[MultiPeriodDiscriminator]:
         """None when the discriminator trained is Piper's shape; else a fresh full-size one (built once, seeded,
-        on the side of the training RNG) that checkpoints store under ``model_d.*`` for Piper's strict loader,
-        ~188 MB per file; the trained shrunk one is kept in ``vits_fast.discriminator``."""
+        on the side of the training RNG) that checkpoints store under ``model_d.*`` for Piper's strict loader; the
+        trained shrunk one is kept in ``vits_fast.discriminator``. Stored in float16 (94 MB instead of 188 MB per
+        file): it is only a starting point, and loading casts it to the module's float32."""
         if _discriminator_divisor(self.model_d.state_dict(), 1) == 1:
             return None
         if getattr(self, "_fresh_piper_d", None) is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.args.seed)
-                self._fresh_piper_d = MultiPeriodDiscriminator()
+                self._fresh_piper_d = MultiPeriodDiscriminator().half()
             _LOGGER.warning("the discriminator trained here is shrunk %dx for speed; checkpoints give Piper a fresh "
                             "full-size one (model_d), which Piper would re-train; vits_fast resumes the trained one",
                             _discriminator_divisor(self.model_d.state_dict(), 1))
