@@ -1,5 +1,5 @@
 """A full Piper training step: generator forward, mels and losses, discriminator, both backward passes, both AdamW
-updates (:class:`vits_fast.profile.TrainStep`: :func:`vits_fast.step.train_step`, the step the trainer runs).
+updates (:class:`vits_fast.profile.TrainStep`: :func:`vits_fast.train.step.train_step`, the step the trainer runs).
 
 Shapes (CUDA): batch 32, phoneme ids <= 200, frames <= 800 (ragged), Piper's 8192-sample window, for x-low,
 medium and high, fp32 and bf16 autocast. Entries: ``reference`` (eager, reference backend: the alignment search

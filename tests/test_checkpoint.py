@@ -12,7 +12,7 @@ import torch
 from vits_fast import checkpoint as ck
 from vits_fast.config import AudioConfig, model_kwargs, tiny_model_kwargs
 from vits_fast.models import MultiPeriodDiscriminator, SynthesizerTrn
-from vits_fast.train import shrink_discriminator
+from vits_fast.config import shrink_discriminator
 
 
 class _RunsCommand:

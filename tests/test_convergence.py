@@ -1,4 +1,4 @@
-"""Convergence: several full training steps (:func:`vits_fast.step.train_step`: generator, discriminator, both
+"""Convergence: several full training steps (:func:`vits_fast.train.step.train_step`: generator, discriminator, both
 fused AdamW updates) of the tiny model on the fused path and on the reference path give the same losses and the
 same parameters, within tolerances that only fp32 rounding explains.
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vits_fast.profile import Sizes, TrainStep
-from vits_fast.step import losses_of
+from vits_fast.train.step import losses_of
 from tests._util import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

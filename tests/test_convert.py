@@ -31,7 +31,7 @@ ort = pytest.importorskip("onnxruntime")
 from vits_fast import checkpoint as ckpt_lib  # noqa: E402
 from vits_fast import convert, export, synthesize  # noqa: E402
 from vits_fast import inference as inf  # noqa: E402
-from vits_fast import step as step_lib  # noqa: E402
+from vits_fast.train import step as step_lib  # noqa: E402
 from vits_fast.config import model_kwargs, tiny_model_kwargs  # noqa: E402
 from vits_fast.models import MultiPeriodDiscriminator, SynthesizerTrn  # noqa: E402
 

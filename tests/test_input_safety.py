@@ -240,7 +240,7 @@ def test_sizes_from_flags_and_files_are_bounded(corpus, cache_dir, voices, tmp_p
     # Training's validation samples: an absurd predicted length is refused, the sample skipped (and named).
     t = _trainer(_args(corpus, cache_dir, tmp_path / "samples", "--max-steps", "1"))
     t.args.no_samples = False
-    monkeypatch.setattr(train, "DEFAULT_LENGTH_SCALE", 1e6)
+    monkeypatch.setattr(train.trainer, "DEFAULT_LENGTH_SCALE", 1e6)
     with caplog.at_level("WARNING", logger="vits_fast.train"):
         assert t.validate()["samples"] == []
     assert f"sample {t.test_items[0].id} not written: the predicted length exceeds the limit" in caplog.text

@@ -11,8 +11,9 @@ tensors (``vits_fast.backend.on_host``), so the code takes the branches it takes
 import pytest
 import torch
 
-from vits_fast import audit, step as step_lib
-from vits_fast.step import HOST_SYNCS
+from vits_fast import audit
+from vits_fast.train import step as step_lib
+from vits_fast.train.step import HOST_SYNCS
 from tests._util import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,7 +77,7 @@ def test_an_added_synchronisation_is_caught_with_its_line(monkeypatch):
     monkeypatch.setattr(step_lib, "kl_loss", kl_with_a_read)
     res = audit.audit_train_step("triton")
     assert [(s.kind, _function(s.where), s.stage) for s in res.syncs] == [("scalar read", "train_step", "losses")]
-    assert res.syncs[0].where.startswith("vits_fast/step.py:")
+    assert res.syncs[0].where.startswith("vits_fast/train/step.py:")
 
 
 def test_fused_synthesis_reads_only_its_output_length():

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from vits_fast import checkpoint as ck
-from vits_fast import step as step_lib
+from vits_fast.train import step as step_lib
 from vits_fast import train
-from vits_fast.config import tiny_model_kwargs
+from vits_fast.config import shrink_discriminator, tiny_model_kwargs
 from vits_fast.data import CORPUS_DIR, DataError
 from vits_fast.models import MultiPeriodDiscriminator, SynthesizerTrn
 
@@ -86,14 +86,14 @@ def test_losses_finite_and_mel_loss_falls(corpus, cache_dir, tmp_path):
             t.model_g.eval()
             _, y_mel, y_hat_mel, _ = step_lib.generator_pass(t.step_parts(), t.model_g, everything)
             t.model_g.train()
-        return float(torch.nn.functional.l1_loss(y_mel, y_hat_mel)) * train.C_MEL
+        return float(torch.nn.functional.l1_loss(y_mel, y_hat_mel)) * step_lib.C_MEL
 
     before = mel_loss()
     result = t.fit()
     after = mel_loss()
     assert result["global_step"] == 12 and result["epoch"] == 4
     for rec in result["history"]:
-        assert all(torch.isfinite(torch.tensor(rec[k])) for k in train.LOSS_NAMES), rec
+        assert all(torch.isfinite(torch.tensor(rec[k])) for k in step_lib.LOSS_NAMES), rec
     assert after < 0.95 * before, (before, after)  # 92.7 -> 81.2 here
     # schedulers stepped once per epoch
     assert t.optim_g.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.999875 ** 4)
@@ -162,7 +162,7 @@ def _piper_ckpt(path, speakers=1):
                            upsample_kernel_sizes=(8, 8, 8), upsample_initial_channel=32, segment_size=16)
     torch.manual_seed(42)
     g = SynthesizerTrn(**kw)
-    d = train.shrink_discriminator(MultiPeriodDiscriminator(), 16)
+    d = shrink_discriminator(MultiPeriodDiscriminator(), 16)
     names = ["pytorch_lightning", "pytorch_lightning.utilities", "pytorch_lightning.utilities.parsing"]
     mods = [types.ModuleType(n) for n in names]
 
@@ -320,7 +320,7 @@ def test_compile_flag_trains_like_eager(corpus, cache_dir, tmp_path):
                                 "--compile-backend", "aot_eager"))
     assert counters["stats"]["unique_graphs"] >= 2  # decoder and discriminator graphs were compiled
     for a, b in zip(compiled["history"], eager["history"]):
-        for k in train.LOSS_NAMES:
+        for k in step_lib.LOSS_NAMES:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
     a = ck.load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.ckpt")["state_dict"]
     b = ck.load_checkpoint(tmp_path / "eager" / "checkpoints" / "last.ckpt")["state_dict"]

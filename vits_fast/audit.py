@@ -187,10 +187,10 @@ def _fused_ready() -> bool:
 
 
 def audit_train_step(backend: str, config: str = "tiny", precision: str = "fp32", seed: int = 0) -> AuditResult:
-    """One :func:`vits_fast.step.train_step` (warmed up once outside the record) and the push of its losses
-    to :class:`vits_fast.step.DeferredRead`, on CPU tensors of ``config`` with ``backend``."""
+    """One :func:`vits_fast.train.step.train_step` (warmed up once outside the record) and the push of its losses
+    to :class:`vits_fast.train.step.DeferredRead`, on CPU tensors of ``config`` with ``backend``."""
     from .profile import Sizes, TrainStep
-    from .step import DeferredRead
+    from .train.step import DeferredRead
 
     step = TrainStep(config, Sizes(2, 6, 20), torch.device("cpu"), backend=backend, precision=precision, seed=seed)
     step()  # first-call work (lazy imports, kernel caches) is not what a step costs

@@ -120,3 +120,46 @@ def tiny_model_kwargs(num_symbols: int = 32, num_speakers: int = 1, **overrides:
     return kwargs
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The tiny preset: ``python -m vits_fast.train``'s demo on the embedded corpus, and the profiler's "tiny" config
+# ----------------------------------------------------------------------------------------------------------
+
+#: Audio settings of the ``tiny`` preset (16 kHz; hop = 4 * 4 * 4, its upsampling).
+TINY_AUDIO = AudioConfig(sample_rate=16000, filter_length=256, hop_length=64, win_length=256, mel_channels=40)
+#: Channel divisor of the ``tiny`` preset's discriminator (Piper's has 47M parameters: too slow on a CPU).
+TINY_DISCRIMINATOR_DIVISOR = 16
+#: Training window of the ``tiny`` preset, in samples.
+TINY_SEGMENT_SAMPLES = 1024
+
+
+def tiny_preset_kwargs(num_symbols: int = 256, num_speakers: int = 1, audio: AudioConfig = TINY_AUDIO,
+                       segment_samples: int = TINY_SEGMENT_SAMPLES) -> Dict[str, Any]:
+    """:class:`SynthesizerTrn` keyword arguments of the ``tiny`` preset for ``audio`` (its hop must be 64)."""
+    return tiny_model_kwargs(num_symbols=num_symbols, num_speakers=num_speakers, spec_channels=audio.spec_channels,
+                             upsample_rates=(4, 4, 4), upsample_kernel_sizes=(8, 8, 8), upsample_initial_channel=32,
+                             segment_size=segment_samples // audio.hop_length)
+
+
+def shrink_discriminator(mpd: Any, divisor: int = TINY_DISCRIMINATOR_DIVISOR) -> Any:
+    """Rebuild every conv of a :class:`~vits_fast.models.MultiPeriodDiscriminator` with ``channels // divisor``
+    (same kernels, strides, groups ratio, weight norm), for CPU demos and tests; returns it. Forward code and the
+    key layout are unchanged."""
+    from .commons import weight_norm
+
+    def rebuild(conv: Any, c_in: int, c_out: int) -> Any:
+        groups = conv.groups
+        if groups > 1:  # keep Piper's 4 input channels per group where possible
+            groups = max(1, c_in // (conv.in_channels // conv.groups))
+            while c_in % groups or c_out % groups:
+                groups -= 1
+        new = type(conv)(c_in, c_out, conv.kernel_size, conv.stride, padding=conv.padding, groups=groups)
+        return weight_norm(new)
+
+    for disc in mpd.discriminators:
+        prev = 1
+        for i, conv in enumerate(disc.convs):
+            c_out = max(1, conv.out_channels // divisor)
+            disc.convs[i] = rebuild(conv, prev, c_out)
+            prev = c_out
+        disc.conv_post = rebuild(disc.conv_post, prev, 1)
+    return mpd

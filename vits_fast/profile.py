@@ -54,9 +54,9 @@ import torch
 
 from .backend import backend as backend_ctx, set_module_backend
 from .commons import stage
-from .config import AudioConfig, model_kwargs, tiny_model_kwargs
+from .config import TINY_AUDIO, AudioConfig, model_kwargs, shrink_discriminator, tiny_preset_kwargs
 from .data import Batch
-from .step import StepOutput, StepParts, adamw, compile_fixed_shape_parts, train_step
+from .train.step import StepOutput, StepParts, adamw, compile_fixed_shape_parts, train_step
 
 CONFIGS = ("tiny", "x-low", "medium", "high")
 KERNELS = ("wn", "spline", "coupling", "mas")
@@ -67,11 +67,6 @@ TRAIN_STAGES = ("text_encoder", "posterior_encoder", "flow", "alignment_search",
                 "discriminator", "losses", "backward", "optimizer")
 INFER_STAGES = ("text_encoder", "duration_predictor", "flow", "decoder")
 KERNEL_STAGES = ("forward", "backward")
-
-#: Audio settings of the ``tiny`` model (as ``vits_fast.train`` uses for its demo): hop = 4 * 4 * 4.
-TINY_AUDIO = AudioConfig(sample_rate=16000, filter_length=256, hop_length=64, win_length=256, mel_channels=40)
-#: Channel divisor of the ``tiny`` model's discriminator (as ``vits_fast.train``'s demo).
-TINY_DISCRIMINATOR_DIVISOR = 16
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -143,9 +138,7 @@ def model_setup(config: str, segment_frames: Optional[int] = None) -> Tuple[Dict
     """
     if config == "tiny":
         audio = TINY_AUDIO
-        kwargs = tiny_model_kwargs(num_symbols=256, spec_channels=audio.spec_channels, upsample_rates=(4, 4, 4),
-                                   upsample_kernel_sizes=(8, 8, 8), upsample_initial_channel=32,
-                                   segment_size=1024 // audio.hop_length)
+        kwargs = tiny_preset_kwargs()
     elif config in CONFIGS:
         audio = AudioConfig(sample_rate=16000 if config == "x-low" else 22050)
         kwargs = model_kwargs(config, num_symbols=256, num_speakers=1, audio=audio)
@@ -167,9 +160,7 @@ def build_discriminator(config: str):
 
     mpd = MultiPeriodDiscriminator()
     if config == "tiny":
-        from .train import shrink_discriminator
-
-        shrink_discriminator(mpd, TINY_DISCRIMINATOR_DIVISOR)
+        shrink_discriminator(mpd)
     return mpd
 
 
@@ -222,15 +213,15 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 # --------------------------------------------------------------------------------------------------------
 
 class TrainStep:
-    """One Piper training step on a fixed synthetic batch: :func:`vits_fast.step.train_step`, the function
+    """One Piper training step on a fixed synthetic batch: :func:`vits_fast.train.step.train_step`, the function
     :class:`vits_fast.train.Trainer` runs (the same losses, weights, optimizers and profiler ranges).
 
     ``backend``: ``reference``, ``triton`` or ``auto`` (pinned on the generator's modules and active around every
     step, so the alignment search follows it too). ``precision``: ``fp32`` or ``bf16`` (autocast; spectrograms,
     mels and losses stay fp32). ``compile``: ``torch.compile`` the decoder and the discriminator (the two largest
     parts; their shapes are fixed by the training window, so they compile once) in ``compile_mode``
-    (``reduce-overhead``: replayed as CUDA graphs); see :func:`vits_fast.step.compile_fixed_shape_parts`.
-    Calling the object runs one step and returns its :class:`~vits_fast.step.StepOutput` (losses on the device,
+    (``reduce-overhead``: replayed as CUDA graphs); see :func:`vits_fast.train.step.compile_fixed_shape_parts`.
+    Calling the object runs one step and returns its :class:`~vits_fast.train.step.StepOutput` (losses on the device,
     no host synchronisation).
     """
 

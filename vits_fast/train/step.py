@@ -26,11 +26,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.nn import functional as F
 
-from .commons import slice_segments, stage
-from .config import AudioConfig
-from .data import Batch
-from .losses import discriminator_loss, feature_loss, generator_loss, kl_loss
-from .mel_processing import mel_spectrogram_torch, spec_to_mel_torch
+from ..commons import slice_segments, stage
+from ..config import AudioConfig
+from ..data import Batch
+from ..losses import discriminator_loss, feature_loss, generator_loss, kl_loss
+from ..mel_processing import mel_spectrogram_torch, spec_to_mel_torch
 
 #: Piper's loss weights.
 C_MEL = 45.0

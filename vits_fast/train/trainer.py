@@ -1,187 +1,50 @@
-"""Train or fine-tune a Piper-compatible VITS voice: ``python -m vits_fast.train``.
-
-With no arguments it trains a tiny model on the speech corpus shipped in ``vits_fast/corpus`` on the CPU for a
-few minutes, printing the falling losses and writing ``runs/default/checkpoints/last.ckpt`` and sample WAVs.
-Real voices::
-
-    python -m vits_fast.train --dataset my_ljspeech_folder --quality medium --batch-size 32 --precision bf16
-    python -m vits_fast.train --dataset my_data --init-from en_US-lessac-medium.ckpt      # fine-tune
-    torchrun --nproc_per_node 8 -m vits_fast.train --dataset my_data ...                  # DDP
-
-One training step is Piper's: the generator pass (text/posterior encoders, flow, alignment search, duration
-model, decoder on a random ``segment_size`` window), mel L1 x45 + KL + duration + LSGAN generator +
-feature-matching losses; then the discriminator on the real window and the detached generated one. AdamW
-(2e-4, betas 0.8/0.99, eps 1e-9) for each, ExponentialLR(0.999875) stepped once per epoch. Spectrograms, mels
-and losses are float32 under every ``--precision``; the model forward runs under autocast for bf16/fp16 (fp16
-with a gradient scaler). A non-finite loss is reported with its step and either skips the update or stops
-(``--on-nonfinite``); it is never trained on.
-
-Outputs in ``--output-dir``: ``checkpoints/epoch=E-step=S.ckpt`` and ``last.ckpt`` (Piper/Lightning layout,
-see :mod:`vits_fast.checkpoint`), ``config.json`` (Piper voice config), ``train_log.jsonl`` (every logged
-scalar), ``samples/step-S/*.wav``, ``bad_items.tsv`` when data was skipped, TensorBoard events when
-``tensorboard`` is installed.
-"""
+"""The training loop of :mod:`vits_fast.train`: :class:`Trainer` builds the models, data, optimizers and
+checkpoints of one run and runs :func:`vits_fast.train.step.train_step` until the run's end."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from . import checkpoint as ckpt_lib
-from .convert import load_checkpoint_or_voice
-from .config import AudioConfig, PRESETS, model_kwargs as preset_model_kwargs, tiny_model_kwargs
-from .guards import OverwriteError, number, refuse_overwrite, same_file
-from .data import (CORPUS_DIR, Batch, BucketBatchSampler, Collate, DataError, Phonemizer, TTSDataset,
-                   default_phoneme_id_map, prepare_items, read_dataset, report_problems, split_items)
-from .inference import DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W
-from .losses import kl_loss
-from .models import MultiPeriodDiscriminator, SynthesizerTrn
-from .step import (C_KL, C_MEL, COMPILE_MODES, DeferredRead, StepOutput, StepParts, adamw, compile_fixed_shape_parts,
-                   generator_pass, train_step)
-from .step import LOSS_NAMES  # noqa: F401 -- re-exported: the names of the losses the trainer logs
+from .. import checkpoint as ckpt_lib
+from ..config import (TINY_AUDIO, TINY_DISCRIMINATOR_DIVISOR, TINY_SEGMENT_SAMPLES, AudioConfig,
+                      model_kwargs as preset_model_kwargs, shrink_discriminator, tiny_preset_kwargs)
+from ..convert import load_checkpoint_or_voice
+from ..data import (CORPUS_DIR, Batch, BucketBatchSampler, Collate, DataError, Phonemizer, TTSDataset, default_phoneme_id_map,
+                    prepare_items, read_dataset, report_problems, split_items)
+from ..guards import OverwriteError, refuse_overwrite, same_file
+from ..inference import DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W
+from ..losses import kl_loss
+from ..models import MultiPeriodDiscriminator, SynthesizerTrn
+from .log import RunLog
+from .step import (C_KL, C_MEL, DeferredRead, StepOutput, StepParts, adamw, compile_fixed_shape_parts, generator_pass,
+                   train_step)
 
 _LOGGER = logging.getLogger("vits_fast.train")
-
-
-#: Audio settings of the ``tiny`` preset (the default on the embedded 16 kHz corpus): hop = 4*4*4.
-TINY_AUDIO = AudioConfig(sample_rate=16000, filter_length=256, hop_length=64, win_length=256, mel_channels=40)
-#: Channel divisor of the ``tiny`` preset's discriminator (Piper's is 47M parameters: too slow on a CPU).
-TINY_DISCRIMINATOR_DIVISOR = 16
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN/inf and ``--on-nonfinite stop`` was chosen (or too many updates were skipped)."""
 
 
-# --------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vits_fast.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", "--dataset-dir", dest="dataset", type=Path, default=None,
-                   help="LJSpeech folder (metadata.csv + wavs/), Piper preprocessed folder (config.json + "
-                        "dataset.jsonl) or one of those files; default: the embedded demo corpus")
-    d.add_argument("--output-dir", type=Path, default=Path("runs/default"),
-                   help="where the run writes; a folder holding another run's checkpoints is refused unless "
-                        "--resume continues that run or --overwrite is given")
-    d.add_argument("--cache-dir", type=Path, default=None, help="spectrogram cache (default: OUTPUT/cache)")
-    d.add_argument("--sample-rate", type=number(int, low=1000, high=384000), default=None,
-                   help="default: the dataset's config.json, else 16000 for x-low/tiny and 22050 otherwise")
-    d.add_argument("--single-speaker", action="store_true", help="ignore the speaker column")
-    d.add_argument("--phonemizer", choices=("auto", "espeak", "characters"), default="auto",
-                   help="auto: piper-tts's espeak-ng if installed, else characters (with a warning)")
-    d.add_argument("--espeak-voice", default=None, help="default: the dataset config's, else en-us")
-    d.add_argument("--max-phoneme-ids", type=number(int, low=1), default=None, help="leave out longer utterances (logged)")
-    d.add_argument("--on-bad-item", choices=("skip", "fail"), default="skip",
-                   help="missing/corrupt/empty items: skip them (each is logged by name) or stop")
-    d.add_argument("--num-workers", type=number(int, low=0), default=None,
-                   help="data worker processes (default: min(4, cpus) for caching and for CUDA training, 0 for "
-                        "CPU training)")
-    d.add_argument("--pin-memory", choices=("auto", "yes", "no"), default="auto")
-    d.add_argument("--validation-split", type=number(float, low=0, high=0.9), default=0.05)
-    d.add_argument("--num-test-examples", type=number(int, low=0), default=2, help="items synthesised as WAV at validation")
-    m = p.add_argument_group("model")
-    m.add_argument("--quality", choices=("tiny",) + tuple(PRESETS), default=None,
-                   help="Piper preset (default: tiny on the demo corpus, medium otherwise)")
-    m.add_argument("--segment-size", type=number(int, low=1), default=None, help="training window in samples (Piper: 8192)")
-    m.add_argument("--init-from", type=Path, default=None,
-                   help="warm start from a Piper/vits_fast .ckpt or a Piper .onnx voice (weights only; "
-                        "architecture from the file)")
-    m.add_argument("--resume", default=None, help="continue a run: a .ckpt path, or 'auto' for OUTPUT's last.ckpt")
-    m.add_argument("--overwrite", action="store_true",
-                   help="start a fresh run in an --output-dir that holds another run's checkpoints (files of the "
-                        "same name, such as last.ckpt and config.json, are replaced; its other checkpoints are kept)")
-    t = p.add_argument_group("training")
-    t.add_argument("--batch-size", type=number(int, low=1), default=None, help="per process (default: 8 tiny, 32 otherwise)")
-    t.add_argument("--max-steps", type=number(int, low=0), default=None, help="default: 150 on the demo corpus, unlimited otherwise")
-    t.add_argument("--max-epochs", type=number(int, low=0), default=None)
-    t.add_argument("--learning-rate", type=number(float, low=0, high=10, low_inclusive=False), default=2e-4)
-    t.add_argument("--lr-decay", type=number(float, low=0, high=1, low_inclusive=False), default=0.999875,
-                   help="ExponentialLR gamma, stepped per epoch")
-    t.add_argument("--grad-clip", type=number(float, low=0, low_inclusive=False), default=None,
-                   help="clip each model's gradient norm to this")
-    t.add_argument("--precision", choices=("32", "bf16", "16"), default="32")
-    t.add_argument("--compile", choices=COMPILE_MODES, default="off",
-                   help="torch.compile the decoder and discriminator (fixed-size windows, so they compile once "
-                        "per batch size; reduce-overhead also replays them as CUDA graphs). Off by default: "
-                        "compiling takes minutes, and no GPU measurement shows the gain yet")
-    t.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend for --compile (inductor; aot_eager to debug a compile problem)")
-    t.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip",
-                   help="a NaN/inf loss skips that update (logged) or stops training")
-    t.add_argument("--max-nonfinite", type=number(int, low=1), default=25,
-                   help="stop after this many consecutive steps with a non-finite loss (skipped updates leave "
-                        "the weights as they were; NaN/inf weights are never saved)")
-    t.add_argument("--seed", type=int, default=1234)
-    t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    t.add_argument("--find-unused-parameters", choices=("auto", "yes", "no"), default="auto",
-                   help="DDP: auto probes one batch for parameters without gradient")
-    t.add_argument("--dist-timeout-min", type=number(float, low=0, low_inclusive=False), default=120.0,
-                   help="collective timeout (rank 0 may build the cache meanwhile)")
-    o = p.add_argument_group("output")
-    o.add_argument("--log-every", type=number(int, low=1), default=10)
-    o.add_argument("--val-every", type=number(int, low=1), default=None,
-                   help="steps (default: 50 on the demo, else 1000)")
-    o.add_argument("--checkpoint-every", type=number(int, low=1), default=None,
-                   help="steps (default: 50 on the demo, else 1000)")
-    o.add_argument("--keep-checkpoints", type=number(int, low=1), default=3,
-                   help="newest step checkpoints of this run to keep (older ones it wrote are deleted; files it "
-                        "did not write never are)")
-    o.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    o.add_argument("--no-samples", action="store_true", help="skip synthesising WAVs at validation")
-    return p
-
-
-# --------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------
-
-def _dist_info() -> Tuple[int, int, int]:
+def dist_info() -> Tuple[int, int, int]:
+    """(world size, rank, local rank) from torchrun's environment; (1, 0, 0) without it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     return world, rank, local
-
-
-def shrink_discriminator(mpd: MultiPeriodDiscriminator, divisor: int) -> MultiPeriodDiscriminator:
-    """Rebuild every conv of ``mpd`` with ``channels // divisor`` (same kernels, strides, groups ratio,
-    weight norm), for CPU demos and tests. Forward code and the key layout are unchanged."""
-    from .commons import weight_norm
-
-    def rebuild(conv: torch.nn.Module, c_in: int, c_out: int) -> torch.nn.Module:
-        groups = conv.groups
-        if groups > 1:  # keep Piper's 4 input channels per group where possible
-            groups = max(1, c_in // (conv.in_channels // conv.groups))
-            while c_in % groups or c_out % groups:
-                groups -= 1
-        new = type(conv)(c_in, c_out, conv.kernel_size, conv.stride, padding=conv.padding, groups=groups)
-        return weight_norm(new)
-
-    for disc in mpd.discriminators:
-        prev = 1
-        for i, conv in enumerate(disc.convs):
-            c_out = max(1, conv.out_channels // divisor)
-            disc.convs[i] = rebuild(conv, prev, c_out)
-            prev = c_out
-        disc.conv_post = rebuild(disc.conv_post, prev, 1)
-    return mpd
 
 
 def _discriminator_divisor(d_state: Dict[str, torch.Tensor], default: int) -> int:
@@ -204,50 +67,12 @@ def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-class _JsonlLog:
-    def __init__(self, path: Optional[Path]) -> None:
-        self.path = path
-        self._tb = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
-            except Exception:  # tensorboard not installed: JSONL only
-                self._tb = None
-
-    def write(self, record: Dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            step = int(record.get("step", 0))
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
-
-    def audio(self, tag: str, wav: torch.Tensor, sample_rate: int, step: int) -> None:
-        if self._tb is not None:
-            self._tb.add_audio(tag, wav.reshape(1, -1), step, sample_rate=sample_rate)
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Trainer
-# --------------------------------------------------------------------------------------------------------
-
 class Trainer:
     """Everything for one run; :func:`main` builds it from the command line and calls :meth:`fit`."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.world, self.rank, self.local_rank = _dist_info()
+        self.world, self.rank, self.local_rank = dist_info()
         self.distributed = self.world > 1
         self.is_main = self.rank == 0
         if args.device is None:
@@ -266,7 +91,7 @@ class Trainer:
         self._check_outputs()  # before anything is written
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.log = _JsonlLog(self.out / "train_log.jsonl" if self.is_main else None)
+        self.log = RunLog(self.out / "train_log.jsonl" if self.is_main else None)
         self.history: List[Dict[str, Any]] = []
         self.nonfinite_skipped = 0
         self.written: List[Path] = []  # step checkpoints this run wrote, oldest first (the only ones rotated)
@@ -327,10 +152,8 @@ class Trainer:
             num_symbols = int(info.num_symbols or 256)
             if quality == "tiny":
                 audio = replace(TINY_AUDIO, sample_rate=sample_rate)
-                kwargs = tiny_model_kwargs(num_symbols=num_symbols, num_speakers=num_speakers,
-                                           spec_channels=audio.spec_channels, upsample_rates=(4, 4, 4),
-                                           upsample_kernel_sizes=(8, 8, 8), upsample_initial_channel=32,
-                                           segment_size=(args.segment_size or 1024) // audio.hop_length)
+                kwargs = tiny_preset_kwargs(num_symbols, num_speakers, audio,
+                                            args.segment_size or TINY_SEGMENT_SAMPLES)
             else:
                 audio = AudioConfig(sample_rate=sample_rate)
                 kwargs = preset_model_kwargs(quality, num_symbols, num_speakers,
@@ -539,7 +362,7 @@ class Trainer:
         else:
             self.num_workers = min(4, os.cpu_count() or 1) if self.device.type == "cuda" else 0
         if args.phonemizer == "espeak":
-            from .data import piper_phonemizer_available
+            from ..data import piper_phonemizer_available
 
             if not piper_phonemizer_available():
                 raise DataError("--phonemizer espeak needs piper-tts: pip install vits_fast[phonemize]")
@@ -622,7 +445,7 @@ class Trainer:
     def _write_voice_config(self) -> None:
         """``config.json``: the dataset's config completed for this model (see
         :func:`vits_fast.export.make_voice_config`)."""
-        from .export import make_voice_config, write_voice_config
+        from ..export import make_voice_config, write_voice_config
 
         info = self.info
         base = dict(info.config or {})
@@ -635,7 +458,7 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------------
     def step_parts(self) -> StepParts:
-        """The models, optimizers and settings :func:`vits_fast.step.train_step` works on."""
+        """The models, optimizers and settings :func:`vits_fast.train.step.train_step` works on."""
         return StepParts(model_g=self.model_g, model_d=self.model_d, optim_g=self.optim_g, optim_d=self.optim_d,
                          audio=self.audio, segment_size=self.model_kwargs["segment_size"], g_train=self.g_train,
                          d_train=self.d_train, amp_dtype=self.amp_dtype, scaler=self.scaler,
@@ -643,7 +466,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> StepOutput:
         """One Piper step (generator then discriminator update); the losses stay on the device (see
-        :mod:`vits_fast.step`)."""
+        :mod:`vits_fast.train.step`)."""
         return train_step(self.step_parts(), batch)
 
     def _account(self, losses: Dict[str, float], finite: bool, step: int, epoch: int) -> None:
@@ -900,26 +723,3 @@ class Trainer:
                          first, last, result["checkpoint"], self.out / "samples")
         self.log.close()
         return result
-
-
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Run training from command-line arguments; returns a summary (steps, loss history, checkpoint path)."""
-    args = build_parser().parse_args(argv)
-    world, rank, _ = _dist_info()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    trainer = Trainer(args)
-    try:
-        trainer.setup()
-        return trainer.fit()
-    finally:
-        if trainer.distributed and dist.is_initialized() and os.environ.get("VITS_FAST_KEEP_PG") != "1":
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, NonFiniteLossError, ckpt_lib.CheckpointError, OverwriteError) as exc:
-        logging.getLogger("vits_fast.train").error("%s", exc)
-        sys.exit(1)
