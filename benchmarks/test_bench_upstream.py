@@ -46,9 +46,9 @@ def _upstream(ours: torch.nn.Module, config: str):
 
 def _onnx_session(ours: torch.nn.Module, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (the onnx extra)")
-    from vits_fast import export
+    from vits_fast import export, voice_config
 
-    path = export.export_onnx(ours, tmp_path / "voice.onnx", export.make_voice_config(ours))
+    path = export.export_onnx(ours, tmp_path / "voice.onnx", voice_config.make_voice_config(ours))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

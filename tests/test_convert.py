@@ -29,7 +29,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from vits_fast import checkpoint as ckpt_lib  # noqa: E402
-from vits_fast import convert, export, synthesize  # noqa: E402
+from vits_fast import convert, export, synthesize, voice_config  # noqa: E402
 from vits_fast import inference as inf  # noqa: E402
 from vits_fast.train import step as step_lib  # noqa: E402
 from vits_fast.config import model_kwargs, tiny_model_kwargs  # noqa: E402
@@ -96,13 +96,13 @@ def voices(tmp_path_factory):
             kwargs, how, scale = VARIANTS[name]
             model = randomised(SynthesizerTrn(**kwargs), seed=len(made) + 1, scale=scale)
             folder = tmp_path_factory.mktemp(name)
-            config = export.make_voice_config(model, sample_rate=16000)
+            config = voice_config.make_voice_config(model, sample_rate=16000)
             path = folder / "voice.onnx"
             if how.startswith("ours"):
                 export.export_onnx(model, path, config, opset=17 if how == "ours-17" else export.OPSET_VERSION)
             else:
                 _piper_export(model, path, fold=how == "piper")
-                export.write_voice_config(config, export.onnx_config_path(path))
+                voice_config.write_voice_config(config, voice_config.onnx_config_path(path))
             made[name] = dict(model=model, path=path, config=config, sess=ort.InferenceSession(str(path)))
         return made[name]
 
@@ -156,8 +156,8 @@ def test_load_voice_reads_onnx_with_its_config(voices):
     v = voices("ours-multi")
     voice = inf.load_voice(v["path"])
     assert isinstance(voice.model, SynthesizerTrn) and voice.num_speakers == 3
-    assert voice.config == json.loads(export.onnx_config_path(v["path"]).read_text())
-    assert voice.sample_rate == 16000 and voice.config_path == export.onnx_config_path(v["path"])
+    assert voice.config == json.loads(voice_config.onnx_config_path(v["path"]).read_text())
+    assert voice.sample_rate == 16000 and voice.config_path == voice_config.onnx_config_path(v["path"])
     assert voice.audio.hop_length == 16  # the product of the decoder's upsampling rates
 
 

@@ -27,7 +27,8 @@ from vits_fast import checkpoint as ck
 from vits_fast import export, train
 from vits_fast import inference as inf
 from vits_fast.config import tiny_model_kwargs
-from vits_fast.data import DataError, Phonemizer, default_phoneme_id_map, read_dataset
+from vits_fast.data import DataError, Phonemizer, read_dataset
+from vits_fast.voice_config import default_phoneme_id_map
 from vits_fast.guards import OverwriteError
 from vits_fast.synthesize import main as synthesize_main
 from tests._util import randomised

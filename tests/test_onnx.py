@@ -15,10 +15,10 @@ ort = pytest.importorskip("onnxruntime")
 
 import vits_fast  # noqa: E402
 from vits_fast import checkpoint as ckpt_lib  # noqa: E402
-from vits_fast import export  # noqa: E402
+from vits_fast import export, voice_config  # noqa: E402
 from vits_fast import inference as inf  # noqa: E402
 from vits_fast.config import AudioConfig, tiny_model_kwargs  # noqa: E402
-from vits_fast.data import default_phoneme_id_map  # noqa: E402
+from vits_fast.voice_config import default_phoneme_id_map  # noqa: E402
 
 
 from tests._util import one_thread, randomised as _randomised  # noqa: E402,F401
@@ -51,7 +51,7 @@ def multi(tmp_path_factory):
     model = _model(3, seed=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folder = tmp_path_factory.mktemp("multi")
-    path = export.export_onnx(model, folder / "voice.onnx", export.make_voice_config(model))
+    path = export.export_onnx(model, folder / "voice.onnx", voice_config.make_voice_config(model))
     enc, dec = export.export_streaming_onnx(model, folder / "stream")
     return dict(model=model, before=before, path=path, sess=ort.InferenceSession(str(path)),
                 enc=ort.InferenceSession(str(enc)), dec=ort.InferenceSession(str(dec)))
@@ -173,8 +173,8 @@ def test_scales_order(multi):
 # --- voice config -------------------------------------------------------------------------------------------------
 
 def test_voice_config_written_by_cli(single):
-    written = json.loads(export.onnx_config_path(single["path"]).read_text())
-    assert export.onnx_config_path(single["path"]).name == "voice.onnx.json"
+    written = json.loads(voice_config.onnx_config_path(single["path"]).read_text())
+    assert voice_config.onnx_config_path(single["path"]).name == "voice.onnx.json"
     cfg = single["config"]
     for key in ("dataset", "espeak", "language", "inference", "phoneme_type", "phoneme_map", "phoneme_id_map",
                 "speaker_id_map", "piper_version"):
@@ -185,23 +185,23 @@ def test_voice_config_written_by_cli(single):
 
 def test_make_voice_config_defaults_and_errors():
     model = _model(3, seed=0)
-    cfg = export.make_voice_config(model, {"speaker_id_map": {"a": 0, "b": 2}}, sample_rate=22050)
+    cfg = voice_config.make_voice_config(model, {"speaker_id_map": {"a": 0, "b": 2}}, sample_rate=22050)
     assert cfg["audio"]["sample_rate"] == 22050 and cfg["espeak"]["voice"] == "en-us"
     assert cfg["inference"] == {"noise_scale": 0.667, "length_scale": 1.0, "noise_w": 0.8}
     assert cfg["phoneme_id_map"] == default_phoneme_id_map() and cfg["phoneme_type"] == "espeak"
     assert cfg["num_speakers"] == 3 and cfg["num_symbols"] == 256 and cfg["piper_version"]
-    with pytest.raises(export.ExportError, match="3"):
-        export.make_voice_config(model, {"num_speakers": 1})
-    with pytest.raises(export.ExportError, match="speaker_id_map"):
-        export.make_voice_config(model, {"speaker_id_map": {"a": 3}})
+    with pytest.raises(voice_config.VoiceError, match="3"):
+        voice_config.make_voice_config(model, {"num_speakers": 1})
+    with pytest.raises(voice_config.VoiceError, match="speaker_id_map"):
+        voice_config.make_voice_config(model, {"speaker_id_map": {"a": 3}})
     small = _randomised(vits_fast.SynthesizerTrn(**tiny_model_kwargs(num_symbols=32)))
-    with pytest.raises(export.ExportError, match="vocabulary of 32"):
-        export.make_voice_config(small)
+    with pytest.raises(voice_config.VoiceError, match="vocabulary of 32"):
+        voice_config.make_voice_config(small)
     # check=False (training writes the config of the model it fits): completed, the model's counts win.
-    unchecked = export.make_voice_config(model, {"num_speakers": 1, "speaker_id_map": {"a": 3}}, check=False)
+    unchecked = voice_config.make_voice_config(model, {"num_speakers": 1, "speaker_id_map": {"a": 3}}, check=False)
     assert unchecked["num_speakers"] == 3 and unchecked["speaker_id_map"] == {"a": 3}
     assert unchecked["inference"] == cfg["inference"] and unchecked["piper_version"] == cfg["piper_version"]
-    assert export.make_voice_config(small, check=False)["num_symbols"] == 32
+    assert voice_config.make_voice_config(small, check=False)["num_symbols"] == 32
 
 
 def test_cli_errors(single, tmp_path, capsys):

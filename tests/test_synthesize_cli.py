@@ -19,7 +19,8 @@ import vits_fast
 from vits_fast import checkpoint as ckpt_lib
 from vits_fast import inference as inf
 from vits_fast.config import AudioConfig, tiny_model_kwargs
-from vits_fast.data import Phonemizer, default_phoneme_id_map, load_audio
+from vits_fast.data import Phonemizer, load_audio
+from vits_fast.voice_config import default_phoneme_id_map
 from vits_fast.synthesize import main
 
 AUDIO = AudioConfig(sample_rate=16000, filter_length=128, hop_length=16, win_length=128)

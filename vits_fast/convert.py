@@ -43,7 +43,8 @@ from . import checkpoint as ckpt_lib
 from .attentions import MultiHeadAttention
 from .backend import backend
 from .config import AudioConfig
-from .inference import Voice, VoiceError, load_voice_config
+from .inference import Voice
+from .voice_config import VoiceError, load_voice_config, onnx_config_path
 from .models import MultiPeriodDiscriminator, SynthesizerTrn
 from .modules import ElementwiseAffine, LayerNorm
 
@@ -562,12 +563,6 @@ def _fresh_modules(model: nn.Module, fresh: List[str]) -> List[str]:
 # Public API
 # --------------------------------------------------------------------------------------------------------
 
-def _onnx_config_path(path: Path) -> Path:
-    from .export import onnx_config_path
-
-    return onnx_config_path(path)
-
-
 @dataclass
 class ImportedVoice:
     """An ONNX voice as a model: ``model`` (eval mode, weight norm as upstream), the kwargs it was built with, its
@@ -586,10 +581,10 @@ def _read_config(path: Path, config: Optional[Union[PathLike, Mapping[str, Any]]
                  ) -> Tuple[Dict[str, Any], Optional[Path]]:
     if isinstance(config, Mapping):
         return dict(config), None
-    config_path = Path(config) if config is not None else _onnx_config_path(path)
+    config_path = Path(config) if config is not None else onnx_config_path(path)
     if not config_path.is_file():
         raise OnnxVoiceError(f"voice config {config_path} is missing: a Piper voice {path.name} comes with "
-                             f"{_onnx_config_path(path).name} beside it (or give its path with --config)")
+                             f"{onnx_config_path(path).name} beside it (or give its path with --config)")
     try:
         return load_voice_config(config_path), config_path
     except VoiceError as exc:
@@ -741,7 +736,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         g, d = ckpt_lib.generator_state(ckpt)
         print(f"wrote {output}: {len(g)} generator tensors (fresh: {', '.join(ckpt['vits_fast']['fresh'])}), "
               f"{len(d)} discriminator tensors (fresh)", file=sys.stderr)
-        config_src = Path(args.config) if args.config else _onnx_config_path(Path(args.voice))
+        config_src = Path(args.config) if args.config else onnx_config_path(Path(args.voice))
         config_out = output.parent / "config.json"
         if config_out.exists():
             print(f"kept the existing {config_out}; the voice's config is {config_src}", file=sys.stderr)

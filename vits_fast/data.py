@@ -31,13 +31,15 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .config import AudioConfig
 from .guards import TextLineError, decode_line
+from .voice_config import (VoiceError, config_phoneme_id_map, config_speaker_id_map,
+                           default_phoneme_id_map, load_voice_config)
 
 _LOGGER = logging.getLogger("vits_fast.data")
 
@@ -93,12 +95,6 @@ class DatasetInfo:
 # --------------------------------------------------------------------------------------------------------
 # Phonemisation
 # --------------------------------------------------------------------------------------------------------
-
-def default_phoneme_id_map() -> Dict[str, List[int]]:
-    """Piper's phoneme-id map (piper-tts's ``DEFAULT_PHONEME_ID_MAP``), as stored with the embedded corpus."""
-    with open(CORPUS_DIR / "config.json", "r", encoding="utf-8") as f:
-        return {k: list(v) for k, v in json.load(f)["phoneme_id_map"].items()}
-
 
 def piper_phonemizer_available() -> bool:
     try:
@@ -186,16 +182,14 @@ class Phonemizer:
 # --------------------------------------------------------------------------------------------------------
 
 def _read_config(folder: Path) -> Dict[str, Any]:
+    """The dataset's ``config.json`` ({} without one); an unreadable one is a :class:`DataError`."""
     path = folder / "config.json"
     if not path.is_file():
         return {}
     try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"cannot read the dataset config {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise DataError(f"the dataset config {path} is not a JSON object")
-    return config
+        return load_voice_config(path, what="dataset config")
+    except VoiceError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _read_lines(path: Path, csv_ids: bool = False) -> Tuple[List[Tuple[int, str]], List[BadItem]]:
@@ -214,19 +208,6 @@ def _read_lines(path: Path, csv_ids: bool = False) -> Tuple[List[Tuple[int, str]
         if text.strip():
             lines.append((n, text))
     return lines, bad
-
-
-def config_phoneme_id_map(config: Mapping[str, Any]) -> Optional[Dict[str, List[int]]]:
-    """A Piper voice config's ``phoneme_id_map`` with every entry a list of ids (None when it has none)."""
-    raw = config.get("phoneme_id_map")
-    if not raw:
-        return None
-    return {k: (list(v) if isinstance(v, list) else [int(v)]) for k, v in raw.items()}
-
-
-def config_speaker_id_map(config: Mapping[str, Any]) -> Dict[str, int]:
-    """A Piper voice config's ``speaker_id_map`` as name -> int (empty when it has none)."""
-    return {str(k): int(v) for k, v in (config.get("speaker_id_map") or {}).items()}
 
 
 def _info_from_config(root: Path, kind: str, config: Dict[str, Any]) -> DatasetInfo:

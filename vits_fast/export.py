@@ -22,9 +22,7 @@ exactly (see :func:`vits_fast.inference.receptive_field` for the overlap a chunk
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
-import json
 import logging
 import sys
 import warnings
@@ -35,16 +33,15 @@ import torch
 from torch import nn
 
 from .guards import OverwriteError, refuse_overwrite
-from .inference import (DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W, VoiceError, encode,
-                        load_voice, prepare_for_inference)
+from .inference import encode, load_voice, prepare_for_inference
 from .models import SynthesizerTrn
+from .voice_config import (DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W, VoiceError, make_voice_config,
+                           onnx_config_path, write_voice_config)
 
 _LOGGER = logging.getLogger("vits_fast.export")
 
 _DESCRIPTION = __doc__.split("\n\n")[0].replace("``", "")
 OPSET_VERSION = 15
-#: ``piper_version`` written to the voice config when the training config has none (Piper's piper_train).
-PIPER_VERSION = "1.0.0"
 _DUMMY_PHONEMES = 50
 
 # ONNX TensorProto element types.
@@ -235,76 +232,6 @@ def check_piper_contract(path: Union[str, Path], multi_speaker: bool, opset: int
         problems.append(f"{ceils} Ceil nodes, expected exactly 1")
     if problems:
         raise ExportError(f"{path} breaks Piper's ONNX contract: " + "; ".join(problems))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Voice config (.onnx.json)
-# --------------------------------------------------------------------------------------------------------
-
-def onnx_config_path(onnx_path: Union[str, Path]) -> Path:
-    """``voice.onnx`` -> ``voice.onnx.json`` (where Piper looks for the config)."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(onnx_path.name + ".json")
-
-
-def make_voice_config(model: SynthesizerTrn, base: Optional[Mapping[str, Any]] = None, *,
-                      sample_rate: Optional[int] = None, quality: Optional[str] = None,
-                      espeak_voice: Optional[str] = None, check: bool = True) -> Dict[str, Any]:
-    """Piper's voice config for ``model``: ``base`` (the training ``config.json``) completed and checked.
-
-    Fills ``audio.sample_rate``/``quality``, ``espeak.voice``, ``language.code``, ``inference`` scales (Piper's
-    defaults), ``phoneme_type`` ("espeak"), ``phoneme_map``, ``phoneme_id_map`` (Piper's default map),
-    ``speaker_id_map`` and ``piper_version`` where missing; ``num_symbols``/``num_speakers`` come from the model.
-    With ``check`` (the default) raises :class:`ExportError` when the config does not fit the model (speaker
-    count, ids beyond the vocabulary); training, which writes the config its model is being fitted to, passes
-    False.
-    """
-    cfg: Dict[str, Any] = copy.deepcopy(dict(base or {}))
-    if check and cfg.get("num_speakers") is not None and int(cfg["num_speakers"]) != model.n_speakers:
-        raise ExportError(f"the voice config says {cfg['num_speakers']} speaker(s), the model has "
-                          f"{model.n_speakers}")
-    audio = cfg.setdefault("audio", {})
-    if sample_rate is not None:
-        audio["sample_rate"] = int(sample_rate)
-    audio.setdefault("sample_rate", 22050)
-    if quality is not None:
-        audio["quality"] = quality
-    espeak = cfg.setdefault("espeak", {})
-    if espeak_voice is not None:
-        espeak["voice"] = espeak_voice
-    espeak.setdefault("voice", "en-us")
-    cfg.setdefault("language", {}).setdefault("code", espeak["voice"])
-    inference = cfg.setdefault("inference", {})
-    inference.setdefault("noise_scale", DEFAULT_NOISE_SCALE)
-    inference.setdefault("length_scale", DEFAULT_LENGTH_SCALE)
-    inference.setdefault("noise_w", DEFAULT_NOISE_SCALE_W)
-    cfg.setdefault("phoneme_type", "espeak")
-    cfg.setdefault("phoneme_map", {})
-    if not cfg.get("phoneme_id_map"):
-        from .data import default_phoneme_id_map
-
-        cfg["phoneme_id_map"] = default_phoneme_id_map()
-    too_big = {sym: ids for sym, ids in cfg["phoneme_id_map"].items()
-               if any(int(i) >= model.n_vocab or int(i) < 0 for i in (ids if isinstance(ids, list) else [ids]))}
-    if check and too_big:
-        raise ExportError(f"the phoneme_id_map uses ids outside the model's vocabulary of {model.n_vocab} symbols: "
-                          f"{dict(list(too_big.items())[:5])}")
-    cfg["num_symbols"] = int(model.n_vocab)
-    cfg["num_speakers"] = int(model.n_speakers)
-    speakers = cfg.setdefault("speaker_id_map", {})
-    bad = {k: v for k, v in speakers.items() if not 0 <= int(v) < model.n_speakers}
-    if check and bad:
-        raise ExportError(f"speaker_id_map has ids outside 0..{model.n_speakers - 1}: {bad}")
-    cfg.setdefault("piper_version", PIPER_VERSION)
-    return cfg
-
-
-def write_voice_config(config: Mapping[str, Any], path: Union[str, Path]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config, f, ensure_ascii=False, indent=4)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------

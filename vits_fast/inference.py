@@ -20,7 +20,6 @@ frame (the product of the decoder's upsampling rates).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -35,13 +34,11 @@ from torch import nn
 from .commons import remove_weight_norm
 from .config import AudioConfig
 from .models import Generator, SynthesizerTrn
+from .voice_config import (DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W, VoiceError,
+                           config_phoneme_id_map, config_speaker_id_map, default_phoneme_id_map, find_voice_config,
+                           load_voice_config)
 
 _LOGGER = logging.getLogger("vits_fast.inference")
-
-#: Piper's defaults for ``infer`` (``inference`` in a voice's config.json).
-DEFAULT_NOISE_SCALE = 0.667
-DEFAULT_LENGTH_SCALE = 1.0
-DEFAULT_NOISE_SCALE_W = 0.8
 
 #: Limits of one synthesised sequence (README "Limits"; ``Synthesizer(max_phonemes=..., max_frames=...)``,
 #: ``--max-phonemes``/``--max-frames``): phoneme ids per sequence (the text encoder's attention is quadratic in
@@ -51,10 +48,6 @@ DEFAULT_MAX_PHONEMES = 500
 DEFAULT_MAX_FRAMES = 10000
 
 DecodeFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
-
-
-class VoiceError(ValueError):
-    """A voice, speaker, input or setting that cannot be used; the message names the problem."""
 
 
 def check_scales(noise_scale: float, length_scale: float, noise_scale_w: float) -> Dict[str, float]:
@@ -649,17 +642,6 @@ class Synthesizer:
 # Voices: checkpoint + config.json
 # --------------------------------------------------------------------------------------------------------
 
-def find_voice_config(checkpoint: Union[str, Path]) -> Optional[Path]:
-    """The ``config.json`` beside a checkpoint or up to three folders above it (Piper's training layout
-    ``<dir>/lightning_logs/version_N/checkpoints/*.ckpt``), or None."""
-    folder = Path(checkpoint).resolve().parent
-    for candidate in [folder, *list(folder.parents)[:3]]:
-        path = candidate / "config.json"
-        if path.is_file():
-            return path
-    return None
-
-
 @dataclass
 class Voice:
     """A model with its Piper voice config (``config.json``; may be empty) and audio settings."""
@@ -680,14 +662,10 @@ class Voice:
 
     @property
     def speaker_id_map(self) -> Dict[str, int]:
-        from .data import config_speaker_id_map
-
         return config_speaker_id_map(self.config)
 
     @property
     def phoneme_id_map(self) -> Dict[str, List[int]]:
-        from .data import config_phoneme_id_map, default_phoneme_id_map
-
         return config_phoneme_id_map(self.config) or default_phoneme_id_map()
 
     @property
@@ -728,21 +706,6 @@ class Voice:
         known = ", ".join(sorted(names, key=lambda n: names[n])[:20]) or "none (use a number)"
         more = f" (and {len(names) - 20} more)" if len(names) > 20 else ""
         raise VoiceError(f"unknown speaker {text!r}; this voice's speakers are: {known}{more}")
-
-
-def load_voice_config(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read a Piper voice ``config.json`` (errors name the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VoiceError(f"voice config {path} does not exist")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise VoiceError(f"cannot read voice config {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise VoiceError(f"voice config {path} is not a JSON object")
-    return config
 
 
 def load_voice(checkpoint: Union[str, Path], config: Optional[Union[str, Path, Mapping[str, Any]]] = None,

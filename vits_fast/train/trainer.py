@@ -22,12 +22,13 @@ from .. import checkpoint as ckpt_lib
 from ..config import (TINY_AUDIO, TINY_DISCRIMINATOR_DIVISOR, TINY_SEGMENT_SAMPLES, AudioConfig,
                       model_kwargs as preset_model_kwargs, shrink_discriminator, tiny_preset_kwargs)
 from ..convert import load_checkpoint_or_voice
-from ..data import (CORPUS_DIR, Batch, BucketBatchSampler, Collate, DataError, Phonemizer, TTSDataset, default_phoneme_id_map,
-                    prepare_items, read_dataset, report_problems, split_items)
+from ..data import (CORPUS_DIR, Batch, BucketBatchSampler, Collate, DataError, Phonemizer, TTSDataset, prepare_items,
+                    read_dataset, report_problems, split_items)
 from ..guards import OverwriteError, refuse_overwrite, same_file
-from ..inference import DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W
 from ..losses import kl_loss
 from ..models import MultiPeriodDiscriminator, SynthesizerTrn
+from ..voice_config import (DEFAULT_LENGTH_SCALE, DEFAULT_NOISE_SCALE, DEFAULT_NOISE_SCALE_W, default_phoneme_id_map,
+                            make_voice_config, write_voice_config)
 from .log import RunLog
 from .step import (C_KL, C_MEL, DeferredRead, StepOutput, StepParts, adamw, compile_fixed_shape_parts, generator_pass,
                    train_step)
@@ -444,9 +445,7 @@ class Trainer:
 
     def _write_voice_config(self) -> None:
         """``config.json``: the dataset's config completed for this model (see
-        :func:`vits_fast.export.make_voice_config`)."""
-        from ..export import make_voice_config, write_voice_config
-
+        :func:`vits_fast.voice_config.make_voice_config`)."""
         info = self.info
         base = dict(info.config or {})
         base.setdefault("phoneme_type", "text" if self.phoneme_type == "characters" else "espeak")
