@@ -1,6 +1,6 @@
 """Fused affine-coupling epilogue (``vits_fast.kernels.coupling``) against the reference ResidualCouplingLayer.
 
-* Every kernel output buffer is NaN-poisoned (``coupling._empty`` is replaced), so an element the kernel forgets to
+* Every kernel output buffer is NaN-poisoned (the ``poisoned_outputs`` fixture of ``tests/conftest.py``), so an element the kernel forgets to
   write fails the comparison.
 * The reference is the epilogue of ``ResidualCouplingLayer.forward`` written out in PyTorch (mask on the stats,
   split, affine update, ``cat``, ``sum(logs)``), then ``torch.flip`` for the folded ``Flip``; float64 for the
@@ -17,26 +17,16 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from tests._numerics import assert_matches_reference
+from tests._util import FusedOps
 from vits_fast.backend import backend, interpreter_enabled
 from vits_fast.kernels import coupling
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the fused path: CUDA, or CPU under the interpreter
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 F64 = torch.float64
 F64_TOL = (1e-12, 1e-12) if interpreter_enabled() else (1e-9, 1e-9)
 NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]  # shrinking under the interpreter runs for many minutes
-
-
-def _poisoned_empty(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def poisoned_outputs():
-    saved = coupling._empty
-    coupling._empty = _poisoned_empty
-    yield
-    coupling._empty = saved
 
 
 def reference(x, stats, mask, reverse, flip, mean_only):
@@ -66,17 +56,11 @@ def fused(x, stats, mask, reverse, flip, mean_only):
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts calls of the fused epilogue, proving that module tests really take the fused path."""
-    calls = []
-    real = coupling._layer_forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(coupling, "_layer_forward", spy)
-    return calls
+def fused_ops():
+    """Counts the fused ops the test dispatches (a ``TorchDispatchMode``), proving that module tests take the fused
+    path."""
+    with FusedOps() as ops:
+        yield ops
 
 
 def make_case(b, c, t, lengths, mean_only, scale, seed):
@@ -244,14 +228,14 @@ def _run(module, name, x, mask, cond, reverse, fn=None):
 
 @pytest.mark.parametrize("mean_only", [True, False])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_residual_coupling_layer_matches_reference(mean_only, reverse, fused_calls):
+def test_residual_coupling_layer_matches_reference(mean_only, reverse, fused_ops):
     from vits_fast.modules import ResidualCouplingLayer
 
     layer = _randomise(ResidualCouplingLayer(6, 8, 3, 1, 2, gin_channels=4, mean_only=mean_only), 1)
     layer = layer.to(DEVICE, F64)
     x, mask, cond = _inputs(2, 6, 9, [9, 5], 4, 2)
     fused_res = _run(layer, "triton", x, mask, cond, reverse)
-    assert len(fused_calls) == 1
+    assert fused_ops.counts["affine_coupling"] == 1
     ref_res = _run(layer, "reference", x, mask, cond, reverse)
     assert len(fused_res) == len(ref_res) > 3
     for a, b in zip(fused_res, ref_res):
@@ -260,7 +244,7 @@ def test_residual_coupling_layer_matches_reference(mean_only, reverse, fused_cal
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("folded", [False, True])
-def test_residual_coupling_block_matches_reference(reverse, folded, fused_calls):
+def test_residual_coupling_block_matches_reference(reverse, folded, fused_ops):
     """The block end to end on the fused path: through the layers' own hooks, and with the flips folded."""
     from vits_fast.models import ResidualCouplingBlock
 
@@ -268,7 +252,7 @@ def test_residual_coupling_block_matches_reference(reverse, folded, fused_calls)
     x, mask, cond = _inputs(2, 4, 10, [10, 6], 4, 4)
     fn = (lambda *a, **k: coupling.residual_coupling_block_forward(block, *a, **k)) if folded else None
     fused_res = _run(block, "triton", x, mask, cond, reverse, fn=fn)
-    assert len(fused_calls) == 3
+    assert fused_ops.counts["affine_coupling"] == 3
     ref_res = _run(block, "reference", x, mask, cond, reverse)
     assert len(fused_res) == len(ref_res) > 3
     for a, b in zip(fused_res, ref_res):
