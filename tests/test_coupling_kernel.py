@@ -132,6 +132,26 @@ def test_low_precision_and_autocast_dtypes(dtype, s_dtype, mean_only):
         check(x, s, mask, reverse, flip, mean_only, dtype, s_dtype=s_dtype)
 
 
+# name -> (batch, C, T, lengths, mean_only, reverse, flip). BLOCK = 1024 elements of the [C, T] half per program.
+SHAPES = {
+    "piper-prior-flow": (1, 96, 11, (11,), True, False, True),  # Piper: 192 channels, mean-only; C*T = 1056
+    "odd": (3, 3, 7, (7, 1, 4), False, True, False),
+    "block-1": (2, 11, 93, (93, 50), False, False, True),  # C*T = 1023
+    "block": (1, 8, 128, (100,), True, True, True),  # C*T = 1024
+    "block+1": (2, 5, 205, (205, 101), False, True, True),  # C*T = 1025
+    "2block+1": (1, 3, 683, (600,), True, False, False),  # C*T = 2049
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_shape_grid(shape, dtype):
+    """Output, logdet and both gradients against float64 at every block boundary (per-dtype rule)."""
+    b, c, t, lengths, mean_only, reverse, flip = SHAPES[shape]
+    x, s, mask = make_case(b, c, t, list(lengths), mean_only, 1.0, len(shape))
+    check(x, s, mask, reverse, flip, mean_only, dtype)
+
+
 @pytest.mark.parametrize("mean_only", [True, False])
 @pytest.mark.parametrize("flip", [False, True])
 def test_reverse_undoes_forward(mean_only, flip):

@@ -297,6 +297,27 @@ def test_low_precision_matches_reference(dtype, h_dtype, inverse):
     check_against_reference(x, h, mask, inverse, dtype, h_dtype=h_dtype)
 
 
+# name -> (batch, C, T, lengths, inverse). One program per (BLOCK_T = 64 time steps, channel, item); the K = 10 bins
+# sit in KP = 16 lanes (6 padding lanes in every shape).
+SHAPES = {
+    "piper-sdp": (2, 1, 37, (37, 20), False),  # the SDP's ConvFlows: C = 1
+    "odd": (3, 1, 7, (7, 1, 4), True),
+    "tile-1": (1, 2, 63, (63,), False),
+    "tile": (2, 1, 64, (64, 40), True),
+    "tile+1": (1, 2, 65, (50,), True),
+    "2tile+1": (1, 1, 129, (129,), False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_shape_grid(shape, dtype):
+    """Output, log|det| and both gradients against float64 at every time-tile boundary (per-dtype rule)."""
+    b, c, t, lengths, inverse = SHAPES[shape]
+    x, h, mask = make_case(b, c, t, list(lengths), hscale=2.0, xscale=3.0, placement="random", seed=len(shape))
+    check_against_reference(x, h, mask, inverse, dtype)
+
+
 @pytest.mark.parametrize("hscale", [20.0, 50.0])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_fp32_steep_bins_as_accurate_as_pytorch(hscale, inverse):

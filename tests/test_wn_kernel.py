@@ -132,6 +132,34 @@ def test_wn_matches_reference(b, h, t, n_layers, kernel_size, dilation_rate, gin
     _check_against_reference(m64, x, _mask(lengths, t, torch.float64), g, dtype, gout)
 
 
+# ---- named shape grid --------------------------------------------------------------------------------------------
+# name -> (batch, hidden, time, lengths, gin). The flat kernels run BLOCK = 1024 elements of H*T per program, the
+# conditioned gate backward [4, 128] (channel x time) tiles: each boundary is met below, at and above.
+SHAPES = {
+    "piper-channels": (1, 192, 9, (9,), 3),  # Piper's hidden size; H*T = 1728: two blocks, H % 4 = 0
+    "odd": (3, 3, 7, (7, 1, 4), 3),  # one partial block, one partial channel tile
+    "block-1": (2, 11, 93, (93, 50), 0),  # H*T = 1023
+    "block/tile": (1, 8, 128, (100,), 3),  # H*T = 1024, T = 128: exactly one block and one time tile
+    "block+1": (2, 5, 205, (205, 101), 0),  # H*T = 1025; T = 205 > 128
+    "2block+1/2tile+1": (1, 3, 683, (600,), 3),  # H*T = 2049, T = 683: 6 time tiles, H = 3 < 4 channels
+}
+GRID_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", GRID_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_wn_shape_grid(shape, dtype):
+    """Output and all gradients against float64 at every block/tile boundary (per-dtype rule of _numerics)."""
+    b, h, t, lengths, gin = SHAPES[shape]
+    m64 = _make_wn(h, 3, 2, 2, gin, seed=len(shape))
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(b, h, t, generator=gen, dtype=torch.float64).to(DEVICE)
+    g = torch.randn(b, gin, 1, generator=gen, dtype=torch.float64).to(DEVICE) if gin else None
+    gout = torch.randn(b, h, t, generator=gen, dtype=torch.float64).to(DEVICE)
+    mask = _mask(torch.tensor(lengths, device=DEVICE), t, torch.float64)
+    _check_against_reference(m64, x, mask, g, dtype, gout)
+
+
 @pytest.mark.parametrize("gin", [0, 4])
 def test_wn_float64_is_exact(gin):
     """In fp64 the kernels compute in fp64: agreement to rounding, a sharp check of every formula."""
