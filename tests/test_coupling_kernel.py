@@ -1,7 +1,7 @@
 """Fused affine-coupling epilogue (``vits_fast.kernels.coupling``) against the reference ResidualCouplingLayer.
 
-* Every kernel output buffer is NaN-poisoned (the ``poisoned_outputs`` fixture of ``tests/conftest.py``), so an element the kernel forgets to
-  write fails the comparison.
+* Every kernel output buffer is NaN-poisoned (the ``poisoned_outputs`` fixture of ``tests/conftest.py``), so an
+  element the kernel forgets to write fails the comparison.
 * The reference is the epilogue of ``ResidualCouplingLayer.forward`` written out in PyTorch (mask on the stats,
   split, affine update, ``cat``, ``sum(logs)``), then ``torch.flip`` for the folded ``Flip``; float64 for the
   values, the kernel's dtype for the same-dtype rule (``tests/_numerics.py``).

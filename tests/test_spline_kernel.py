@@ -1,7 +1,7 @@
 """Fused rational-quadratic spline coupling (``vits_fast.kernels.spline``) against the reference ConvFlow math.
 
-* Every kernel output buffer (outputs, gradients, log|det| partial sums) is NaN-poisoned (the
-  ``poisoned_outputs`` fixture of ``tests/conftest.py``), so an element the kernel forgets to write fails the comparison.
+* Every kernel output buffer (outputs, gradients, log|det| partial sums) is NaN-poisoned (the ``poisoned_outputs``
+  fixture of ``tests/conftest.py``), so an element the kernel forgets to write fails the comparison.
 * The reference is ``vits_fast.transforms`` applied exactly as ``ConvFlow`` does (mask, reshape/permute, scale,
   linear tails, ``cat`` and masked log|det| sum), evaluated in float64, and in the kernel's dtype for the
   same-dtype error rule.
@@ -31,7 +31,7 @@ from tests._numerics import assert_matches_reference
 from tests._util import FusedOps, graph_recorder
 from vits_fast import transforms
 from vits_fast.backend import backend, interpreter_enabled
-from vits_fast.kernels import spline
+from vits_fast.kernels import spline  # noqa: F401 (registers the vits_fast::rq_spline_coupling ops)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the fused path: CUDA, or CPU under the interpreter

@@ -2,9 +2,9 @@
 
 Runs on CUDA when present, otherwise on CPU under the Triton interpreter (``TRITON_INTERPRET=1``).
 
-* Every fused run uses NaN-poisoned output buffers (the ``poisoned_outputs`` fixture of ``tests/conftest.py``), so an element a kernel does
-  not write fails the comparison; ``FusedOps`` (a ``TorchDispatchMode``) counts the
-  fused ops of every fused run, which proves the fused path ran.
+* Every fused run uses NaN-poisoned output buffers (the ``poisoned_outputs`` fixture of ``tests/conftest.py``), so
+  an element a kernel does not write fails the comparison; ``FusedOps`` (a ``TorchDispatchMode``) counts the fused
+  ops of every fused run, which proves the fused path ran.
 * The reference is a float64 copy of the same module on the ``reference`` backend; the tolerance rule is
   ``tests/_numerics.py``, applied to the output and to the gradients of x, g and every parameter
   (``weight_g``, ``weight_v``, ``bias`` of every conv). fp32 is checked per tensor. For bf16/fp16 each tensor
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from tests._numerics import assert_all_match_reference, assert_same_gradients, max_err
 from tests._numerics import check_low_precision as _check_low_precision
-from tests._util import FusedOps
+from tests._util import FusedOps, graph_recorder
 
 from vits_fast.backend import backend, set_module_backend
 from vits_fast.kernels import wn
@@ -337,25 +337,16 @@ def test_ops_reject_cpu_without_interpreter(monkeypatch):
 
 
 def test_torch_compile_fullgraph():
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"dynamo": [], "fw": [], "bw": []}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(str(gm.graph))
-            return make_boxed_func(gm.forward)
-        return compiler
-
     if CUDA:  # Dynamo's graph goes to Inductor
+        graphs = {"dynamo": []}
+
         def compile_backend(gm, example_inputs):
             from torch._inductor.compile_fx import compile_fx
 
             graphs["dynamo"].append(str(gm.graph))
             return compile_fx(gm, example_inputs)
     else:  # Dynamo + AOTAutograd, graphs run eagerly (see the module docstring)
-        compile_backend = aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw"))
+        compile_backend, graphs = graph_recorder()
     torch._dynamo.reset()
     m = _make_wn(5, 3, 2, 3, 4, seed=6).float()
     set_module_backend(m, "triton")
