@@ -24,42 +24,36 @@ needs its output in memory anyway) and the SDP's own ``Flip`` modules (``[B, 2, 
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty, launch
+from . import _common
+from ._common import (FLOW_DTYPE_PAIRS, FLOW_SUPPORTED, acc_dtype, cast_for, check_flow_args, compute_dtype, flat_block,
+                      flow_grad_buffers, flow_inputs, launch, load_as, register_flow_autograd)
 
 BLOCK = 1024  # elements of the flattened [C, T] half per program (4 warps: 8 per thread)
 NUM_WARPS = 4
 
-# The Triton interpreter (TRITON_INTERPRET=1, how the CPU tests run kernels) converts fp32 -> bf16 by truncation;
-# GPUs round to nearest even. Interpreted stores round explicitly first so that tests see GPU numerics; compiled
-# kernels never contain that code (the flag is a compile-time False there).
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels (pointer comments give shapes)
+# --------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _cast_for(v, ptr):
-    # v converted to the element type of ptr, rounding to nearest even
-    if _INTERPRETED:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-    return v.to(ptr.dtype.element_ty)
-
-
-@triton.jit
-def _out_offsets(e, c, t, C, T, n, flip):
-    # Flat offsets (inside one batch item) of the x0 and x1 elements of channel c, time t, in the output: channel
-    # k goes to 2C - 1 - k when the output is flipped.
+def _pair_block(mask_ptr, C, T, flip, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # This program's elements of the [C, T] halves of batch item b: flat offsets e [BLOCK] and in-bounds, the mask at
+    # their time step (ACC), and the flat offsets o0 / o1 of their x0 / x1 elements in the output, where channel k
+    # goes to 2C - 1 - k when the output is flipped; the elements per half n = C * T and the item's offset xb.
+    b, e, valid = flat_block(C * T, BLOCK)
+    c = e // T
+    t = e - c * T
+    m = load_as(mask_ptr + b * T + t, valid, ACC)
     o0 = tl.where(flip != 0, (2 * C - 1 - c) * T + t, e)
-    o1 = tl.where(flip != 0, (C - 1 - c) * T + t, n + e)
-    return o0, o1
+    o1 = tl.where(flip != 0, (C - 1 - c) * T + t, C * T + e)
+    return b, e, valid, m, o0, o1, C * T, b * 2 * C * T
 
 
 @triton.jit
@@ -72,39 +66,28 @@ def _coupling_fwd_kernel(
     C, T, n_blk,
     reverse,  # 0: x1' = m + x1 exp(logs) mask; 1: x1' = (x1 - m) exp(-logs) mask
     flip,  # 1: write the output with its channel order reversed
-    MEAN_ONLY: tl.constexpr, BLOCK: tl.constexpr,
+    MEAN_ONLY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    CDT = part_ptr.dtype.element_ty
-    n = C * T
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = e < n
-    c = e // T
-    t = e - c * T
-
-    m = tl.load(mask_ptr + b * T + t, mask=valid, other=0.0).to(CDT)
-    xb = b * 2 * n
+    b, e, valid, m, o0, o1, n, xb = _pair_block(mask_ptr, C, T, flip, ACC, BLOCK)
     x0 = tl.load(x_ptr + xb + e, mask=valid, other=0.0)
-    x1 = tl.load(x_ptr + xb + n + e, mask=valid, other=0.0).to(CDT)
+    x1 = load_as(x_ptr + xb + n + e, valid, ACC)
     if MEAN_ONLY:
         sb = b * n
     else:
         sb = b * 2 * n
-    mu = tl.load(st_ptr + sb + e, mask=valid, other=0.0).to(CDT) * m
+    mu = load_as(st_ptr + sb + e, valid, ACC) * m
     rev = reverse != 0
     if MEAN_ONLY:  # logs = 0
         y1 = tl.where(rev, (x1 - mu) * m, mu + x1 * m)
     else:
-        ls = tl.load(st_ptr + sb + n + e, mask=valid, other=0.0).to(CDT) * m
+        ls = load_as(st_ptr + sb + n + e, valid, ACC) * m
         ex = tl.exp(tl.where(rev, -ls, ls))
         y1 = tl.where(rev, (x1 - mu) * ex * m, mu + x1 * ex * m)
 
-    o0, o1 = _out_offsets(e, c, t, C, T, n, flip)
-    tl.store(out_ptr + xb + o0, _cast_for(x0, out_ptr), mask=valid)
-    tl.store(out_ptr + xb + o1, _cast_for(y1, out_ptr), mask=valid)
+    tl.store(out_ptr + xb + o0, cast_for(x0, out_ptr), mask=valid)
+    tl.store(out_ptr + xb + o1, cast_for(y1, out_ptr), mask=valid)
     if not MEAN_ONLY:
-        tl.store(part_ptr + b * n_blk + pid, tl.sum(tl.where(valid, tl.where(rev, -ls, ls), 0.0), axis=0))
+        tl.store(part_ptr + b * n_blk + tl.program_id(0), tl.sum(tl.where(valid, tl.where(rev, -ls, ls), 0.0), axis=0))
 
 
 @triton.jit
@@ -117,23 +100,12 @@ def _coupling_bwd_kernel(
     gx_ptr,  # [B, 2C, T] gradient of x
     gst_ptr,  # [B, S, T] gradient of the raw stats
     C, T, reverse, flip,
-    MEAN_ONLY: tl.constexpr, BLOCK: tl.constexpr,
+    MEAN_ONLY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    CDT = gld_ptr.dtype.element_ty
-    n = C * T
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = e < n
-    c = e // T
-    t = e - c * T
-
-    m = tl.load(mask_ptr + b * T + t, mask=valid, other=0.0).to(CDT)
-    xb = b * 2 * n
-    o0, o1 = _out_offsets(e, c, t, C, T, n, flip)
+    b, e, valid, m, o0, o1, n, xb = _pair_block(mask_ptr, C, T, flip, ACC, BLOCK)
     g0 = tl.load(gout_ptr + xb + o0, mask=valid, other=0.0)
-    g1 = tl.load(gout_ptr + xb + o1, mask=valid, other=0.0).to(CDT)
-    tl.store(gx_ptr + xb + e, _cast_for(g0, gx_ptr), mask=valid)
+    g1 = load_as(gout_ptr + xb + o1, valid, ACC)
+    tl.store(gx_ptr + xb + e, cast_for(g0, gx_ptr), mask=valid)
 
     rev = reverse != 0
     # forward: d/dm = 1, d/dlogs = x1 exp(logs) mask (+ dlogdet); reverse: d/dm = -exp(-logs) mask,
@@ -144,35 +116,32 @@ def _coupling_bwd_kernel(
         gmu = tl.where(rev, -gx1, g1)
     else:
         sb = b * 2 * n
-        x1 = tl.load(x_ptr + xb + n + e, mask=valid, other=0.0).to(CDT)
-        mu = tl.load(st_ptr + sb + e, mask=valid, other=0.0).to(CDT) * m
-        ls = tl.load(st_ptr + sb + n + e, mask=valid, other=0.0).to(CDT) * m
+        x1 = load_as(x_ptr + xb + n + e, valid, ACC)
+        mu = load_as(st_ptr + sb + e, valid, ACC) * m
+        ls = load_as(st_ptr + sb + n + e, valid, ACC) * m
         ex = tl.exp(tl.where(rev, -ls, ls))
         gld = tl.load(gld_ptr + b)
         gx1 = g1 * ex * m
         gmu = tl.where(rev, -gx1, g1)
         gls = tl.where(rev, -g1 * (x1 - mu) * ex * m - gld, g1 * x1 * ex * m + gld)
-        tl.store(gst_ptr + sb + n + e, _cast_for(gls * m, gst_ptr), mask=valid)
-    tl.store(gx_ptr + xb + n + e, _cast_for(gx1, gx_ptr), mask=valid)
-    tl.store(gst_ptr + sb + e, _cast_for(gmu * m, gst_ptr), mask=valid)
+        tl.store(gst_ptr + sb + n + e, cast_for(gls * m, gst_ptr), mask=valid)
+    tl.store(gx_ptr + xb + n + e, cast_for(gx1, gx_ptr), mask=valid)
+    tl.store(gst_ptr + sb + e, cast_for(gmu * m, gst_ptr), mask=valid)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# compile-check contract: every configuration the launchers use. (x, stats) dtype pairs: same dtype, or an fp32 flow
+# --------------------------------------------------------------------------------------------------------------
+# Compile-check contract: every configuration the launchers use. (x, stats) dtype pairs: same dtype, or an fp32 flow
 # state with bf16/fp16 convolutions (autocast); mask, partial sums and grad_logdet in the compute dtype (fp32;
 # fp64 with fp64 inputs).
 
-_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-_PAIRS = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "bf16"), ("fp32", "fp16"),
-          ("fp64", "fp64")]
 
 
 def _compile_configs():
     configs = []
-    for xt, st in _PAIRS:
+    for xt, st in FLOW_DTYPE_PAIRS:
         ct = "fp64" if xt == "fp64" else "fp32"
         for mean_only in (True, False):
-            consts = {"MEAN_ONLY": mean_only, "BLOCK": BLOCK}
+            consts = {"MEAN_ONLY": mean_only, "ACC": tl.float64 if xt == "fp64" else tl.float32, "BLOCK": BLOCK}
             cs = {k: "constexpr" for k in consts}
             sig = dict(x_ptr=f"*{xt}", st_ptr=f"*{st}", mask_ptr=f"*{ct}", out_ptr=f"*{xt}", part_ptr=f"*{ct}",
                        C="i32", T="i32", n_blk="i32", reverse="i32", flip="i32", **cs)
@@ -186,37 +155,15 @@ def _compile_configs():
 
 
 COMPILE_CONFIGS = _compile_configs()
-_SUPPORTED = {(dx, ds) for dx in _TL for ds in _TL if (_TL[dx], _TL[ds]) in _PAIRS}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# launchers
-
-
-_empty = empty  # module-level name, so tests can NaN-fill this file's outputs
-
-
-_launch = launch
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _check(x: torch.Tensor, stats: torch.Tensor, x_mask: torch.Tensor, mean_only: bool) -> Tuple[int, int, int]:
-    if x.dim() != 3 or x.size(1) % 2:
-        raise ValueError(f"x must be [B, 2C, T], got {tuple(x.shape)}")
-    B, C2, T = x.shape
-    C = C2 // 2
-    want = (B, C if mean_only else 2 * C, T)
-    if tuple(stats.shape) != want:
-        raise ValueError(f"stats must be {want} (mean_only={mean_only}), got {tuple(stats.shape)}")
-    if tuple(x_mask.shape) != (B, 1, T):
-        raise ValueError(f"x_mask must be [B, 1, T] = {(B, 1, T)}, got {tuple(x_mask.shape)}")
-    if (x.dtype, stats.dtype) not in _SUPPORTED:
-        raise TypeError(f"unsupported dtypes x={x.dtype}, stats={stats.dtype}; supported (x, stats): "
-                        f"{sorted((str(a), str(b)) for a, b in _SUPPORTED)}")
-    return B, C, T
+    return check_flow_args(x, stats, x_mask, 1 if mean_only else 2, "stats", f" (mean_only={mean_only})")
 
 
 @torch.library.custom_op("vits_fast::affine_coupling", mutates_args=())
@@ -231,27 +178,17 @@ def affine_coupling(x: torch.Tensor, stats: torch.Tensor, x_mask: torch.Tensor, 
     and ``logdet [B] = +-sum(logs)`` (the log-determinant of the map applied; fp32, fp64 for fp64 inputs).
     """
     B, C, T = _check(x, stats, x_mask, mean_only)
-    cdt = _compute_dtype(x)
-    x = x.contiguous()
-    stats = stats.contiguous()
-    mask = x_mask.to(cdt).contiguous()
-    out = _empty(x.shape, x.dtype, x.device)
+    x, stats, mask, cdt = flow_inputs(x, stats, x_mask)
+    out = _common.empty(x.shape, x.dtype, x.device)
     n_blk = triton.cdiv(C * T, BLOCK)
     if mean_only:
         part = torch.zeros(B, 1, device=x.device, dtype=cdt)
     else:
-        part = _empty((B, n_blk), cdt, x.device)
+        part = _common.empty((B, n_blk), cdt, x.device)
     if out.numel():
-        _launch(_coupling_fwd_kernel, (n_blk, B), x, x, stats, mask, out, part, C, T, n_blk, int(reverse),
-                int(flip), MEAN_ONLY=bool(mean_only), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch(_coupling_fwd_kernel, (n_blk, B), x, x, stats, mask, out, part, C, T, n_blk, int(reverse), int(flip),
+               MEAN_ONLY=bool(mean_only), ACC=acc_dtype(x), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out, part.sum(dim=1)
-
-
-@affine_coupling.register_fake
-def _(x, stats, x_mask, reverse, flip, mean_only):
-    _check(x, stats, x_mask, mean_only)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty(x.shape[0], dtype=_compute_dtype(x)))
 
 
 @torch.library.custom_op("vits_fast::affine_coupling_backward", mutates_args=())
@@ -261,19 +198,25 @@ def affine_coupling_backward(grad_out: torch.Tensor, grad_logdet: torch.Tensor, 
     """Gradients ``(grad_x [B, 2C, T], grad_stats [B, S, T])`` of :func:`affine_coupling` given
     ``grad_out [B, 2C, T]`` and ``grad_logdet [B]``."""
     B, C, T = _check(x, stats, x_mask, mean_only)
-    cdt = _compute_dtype(x)
-    x = x.contiguous()
-    stats = stats.contiguous()
-    mask = x_mask.to(cdt).contiguous()
-    grad_out = grad_out.to(x.dtype).contiguous()
-    grad_logdet = grad_logdet.to(cdt).contiguous()
-    grad_x = _empty(x.shape, x.dtype, x.device)
-    grad_stats = _empty(stats.shape, stats.dtype, stats.device)
+    x, stats, mask, grad_out, grad_logdet, grad_x, grad_stats = flow_grad_buffers(grad_out, grad_logdet, x, stats,
+                                                                                  x_mask)
     if grad_x.numel():
-        _launch(_coupling_bwd_kernel, (triton.cdiv(C * T, BLOCK), B), x, x, stats, mask, grad_out, grad_logdet,
-                grad_x, grad_stats, C, T, int(reverse), int(flip), MEAN_ONLY=bool(mean_only), BLOCK=BLOCK,
-                num_warps=NUM_WARPS)
+        launch(_coupling_bwd_kernel, (triton.cdiv(C * T, BLOCK), B), x, x, stats, mask, grad_out, grad_logdet, grad_x,
+               grad_stats, C, T, int(reverse), int(flip), MEAN_ONLY=bool(mean_only), ACC=acc_dtype(x), BLOCK=BLOCK,
+               num_warps=NUM_WARPS)
     return grad_x, grad_stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Custom-op registration: fake tensors (shapes and dtypes for torch.compile and opcheck) and autograd
+# --------------------------------------------------------------------------------------------------------------
+
+
+@affine_coupling.register_fake
+def _(x, stats, x_mask, reverse, flip, mean_only):
+    _check(x, stats, x_mask, mean_only)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[0], dtype=compute_dtype(x)))
 
 
 @affine_coupling_backward.register_fake
@@ -283,30 +226,12 @@ def _(grad_out, grad_logdet, x, stats, x_mask, reverse, flip, mean_only):
             torch.empty_like(stats, memory_format=torch.contiguous_format))
 
 
-def _setup_context(ctx, inputs, output):
-    x, stats, x_mask, *rest = inputs
-    ctx.save_for_backward(x, stats, x_mask)
-    ctx.rest = rest
+register_flow_autograd(affine_coupling, affine_coupling_backward, "affine_coupling")
 
 
-def _backward(ctx, grad_out, grad_logdet):
-    x, stats, x_mask = ctx.saved_tensors
-    if ctx.needs_input_grad[2]:
-        raise ValueError("vits_fast::affine_coupling: x_mask is a constant; it cannot require grad")
-    if grad_out is None:
-        grad_out = torch.zeros_like(x)
-    if grad_logdet is None:
-        grad_logdet = x.new_zeros(x.shape[0], dtype=_compute_dtype(x))
-    grad_x, grad_stats = torch.ops.vits_fast.affine_coupling_backward(grad_out, grad_logdet, x, stats, x_mask,
-                                                                      *ctx.rest)
-    return grad_x, grad_stats, None, None, None, None
-
-
-affine_coupling.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# module-level entry points
+# --------------------------------------------------------------------------------------------------------------
+# Module entry points
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _layer_forward(layer, x: torch.Tensor, x_mask: torch.Tensor, g: Optional[torch.Tensor], reverse: bool,
@@ -320,7 +245,7 @@ def _layer_forward(layer, x: torch.Tensor, x_mask: torch.Tensor, g: Optional[tor
     out_dtype = torch.promote_types(torch.promote_types(x.dtype, stats.dtype), x_mask.dtype)
     logdet_dtype = torch.promote_types(stats.dtype, x_mask.dtype)
     xk = x.to(out_dtype)
-    if (xk.dtype, stats.dtype) not in _SUPPORTED:
+    if (xk.dtype, stats.dtype) not in FLOW_SUPPORTED:
         stats = stats.to(out_dtype)
     out, logdet = torch.ops.vits_fast.affine_coupling(xk, stats, x_mask, bool(reverse), bool(flip),
                                                       bool(layer.mean_only))

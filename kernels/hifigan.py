@@ -105,16 +105,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty, launch
-from .wn import _acc_dtype, _check_device, _mask_arg, _out, _promote, _sum_to
-
+from . import _common
+from ._common import (acc_dtype, cast_for, config_collector, flat_block, flat_grid, launch, load_as, mask_arg,
+                      promote, sum_to)
 BLOCK = 1024  # elements of the flattened per-item [C*T] block per program (4 warps: 8 per thread)
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 # Triton kernels. Tensors are addressed per batch item as a flat [C*T] block (contiguous inside every batch
-# item); the batch index is program axis 1. ``mask_ptr`` rows are time-contiguous with batch stride m_sb (0
+# item); the batch index is program axis 1. ``mask_ptr`` rows are time-contiguous with batch stride stride_mask_batch (0
 # when one mask row serves the whole batch).
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -123,34 +123,43 @@ def _lrelu(z, slope):
 
 
 @triton.jit
+def _masked_lrelu_grad(dout_ptr, out_ptr, mask_ptr, stride_mask_batch, C, T, slope, HAS_MASK: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # Gradient through ``lrelu(z, slope) * mask`` for this program's block of the [C, T] item bi, given the output's
+    # gradient and the output itself (its sign picks the branch: mask >= 0, slope >= 0). Returns (bi, offsets j,
+    # in-bounds, C * T, dout * mask * lrelu'(z)).
+    ct = C * T
+    bi, j, inb = flat_block(ct, BLOCK)
+    d = load_as(dout_ptr + bi * ct + j, inb, ACC)
+    if HAS_MASK:
+        d = d * load_as(mask_ptr + bi * stride_mask_batch + j % T, inb, ACC)
+    o = load_as(out_ptr + bi * ct + j, inb, ACC)
+    return bi, j, inb, ct, tl.where(o > 0, d, d * slope)
+
+
+@triton.jit
 def _act_fwd_kernel(
     x_ptr,  # [B, C, T] input, contiguous
     y_ptr,  # [B, C, T] conv output added to x (residual step); unused unless HAS_Y
-    b_ptr,  # [B, C, 1] per-channel bias (strides b_sb, b_sc); unused unless HAS_B
-    mask_ptr,  # [B, 1, T] mask (batch stride m_sb); unused unless HAS_MASK
+    bias_ptr,  # [B, C, 1] per-channel bias (strides stride_bias_batch, stride_bias_chan); unused unless HAS_B
+    mask_ptr,  # [B, 1, T] mask (batch stride stride_mask_batch); unused unless HAS_MASK
     s_ptr,  # [B, C, T] output: x + y (the new residual stream); unused unless HAS_Y
     xt_ptr,  # [B, C, T] output: lrelu(x (+ y) (+ b), slope) * mask
-    C, T, b_sb, b_sc, m_sb, slope,
-    HAS_Y: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr,  # math dtype: fp32 (fp64 for fp64 data)
-    BLOCK: tl.constexpr,
+    C, T, stride_bias_batch, stride_bias_chan, stride_mask_batch, slope,
+    HAS_Y: tl.constexpr, HAS_B: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index into [C, T] of batch item bi
     ct = C * T
-    inb = j < ct
-    z = tl.load(x_ptr + bi * ct + j, mask=inb, other=0.0).to(ACC)
+    bi, j, inb = flat_block(ct, BLOCK)  # batch item bi, flat offsets j into its [C, T]
+    z = load_as(x_ptr + bi * ct + j, inb, ACC)
     if HAS_Y:
-        z = tl.load(y_ptr + bi * ct + j, mask=inb, other=0.0).to(ACC) + z
-        tl.store(s_ptr + bi * ct + j, _out(z, s_ptr), mask=inb)
+        z = load_as(y_ptr + bi * ct + j, inb, ACC) + z
+        tl.store(s_ptr + bi * ct + j, cast_for(z, s_ptr), mask=inb)
     if HAS_B:
-        z += tl.load(b_ptr + bi * b_sb + (j // T) * b_sc, mask=inb, other=0.0).to(ACC)
+        z += load_as(bias_ptr + bi * stride_bias_batch + (j // T) * stride_bias_chan, inb, ACC)
     v = _lrelu(z, slope)
     if HAS_MASK:
-        v = v * tl.load(mask_ptr + bi * m_sb + j % T, mask=inb, other=0.0).to(ACC)
-    tl.store(xt_ptr + bi * ct + j, _out(v, xt_ptr), mask=inb)
+        v = v * load_as(mask_ptr + bi * stride_mask_batch + j % T, inb, ACC)
+    tl.store(xt_ptr + bi * ct + j, cast_for(v, xt_ptr), mask=inb)
 
 
 @triton.jit
@@ -158,26 +167,16 @@ def _act_bwd_kernel(
     dxt_ptr,  # [B, C, T] gradient of the activation output, contiguous
     xt_ptr,  # [B, C, T] the activation output (its sign picks the lrelu branch), contiguous
     ds_ptr,  # [B, C, T] gradient of the residual stream s; unused unless HAS_DS
-    mask_ptr,  # [B, 1, T] mask (batch stride m_sb); unused unless HAS_MASK
+    mask_ptr,  # [B, 1, T] mask (batch stride stride_mask_batch); unused unless HAS_MASK
     d_ptr,  # [B, C, T] output: gradient of the pre-activation (ds + dxt * mask * lrelu')
-    C, T, m_sb, slope,
-    HAS_DS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    C, T, stride_mask_batch, slope,
+    HAS_DS: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ct = C * T
-    inb = j < ct
-    d = tl.load(dxt_ptr + bi * ct + j, mask=inb, other=0.0).to(ACC)
-    if HAS_MASK:
-        d = d * tl.load(mask_ptr + bi * m_sb + j % T, mask=inb, other=0.0).to(ACC)
-    xt = tl.load(xt_ptr + bi * ct + j, mask=inb, other=0.0).to(ACC)
-    d = tl.where(xt > 0, d, d * slope)
+    bi, j, inb, ct, d = _masked_lrelu_grad(dxt_ptr, xt_ptr, mask_ptr, stride_mask_batch, C, T, slope, HAS_MASK, ACC,
+                                           BLOCK)
     if HAS_DS:
-        d += tl.load(ds_ptr + bi * ct + j, mask=inb, other=0.0).to(ACC)
-    tl.store(d_ptr + bi * ct + j, _out(d, d_ptr), mask=inb)
+        d += load_as(ds_ptr + bi * ct + j, inb, ACC)
+    tl.store(d_ptr + bi * ct + j, cast_for(d, d_ptr), mask=inb)
 
 
 @triton.jit
@@ -185,74 +184,55 @@ def _mrf_fwd_kernel(
     y_ptr,  # [B, C, T] the block's last conv output, contiguous
     x_ptr,  # [B, C, T] the block's residual stream, contiguous
     acc_ptr,  # [B, C, T] MRF sum of the previous blocks of this stage; unused unless HAS_ACC
-    mask_ptr,  # [B, 1, T] mask (batch stride m_sb); unused unless HAS_MASK
+    mask_ptr,  # [B, 1, T] mask (batch stride stride_mask_batch); unused unless HAS_MASK
     out_ptr,  # [B, C, T] output: acc + (y + x) * mask; LAST: lrelu(that / n_div, slope) * mask
-    C, T, m_sb, n_div, slope,
-    HAS_ACC: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    LAST: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    C, T, stride_mask_batch, n_div, slope,
+    HAS_ACC: tl.constexpr, HAS_MASK: tl.constexpr, LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ct = C * T
-    inb = j < ct
-    v = tl.load(y_ptr + bi * ct + j, mask=inb, other=0.0).to(ACC) + tl.load(x_ptr + bi * ct + j, mask=inb,
+    bi, j, inb = flat_block(ct, BLOCK)  # batch item bi, flat offsets j into its [C, T]
+    v = load_as(y_ptr + bi * ct + j, inb, ACC) + tl.load(x_ptr + bi * ct + j, mask=inb,
                                                                            other=0.0).to(ACC)
     if HAS_MASK:
-        m = tl.load(mask_ptr + bi * m_sb + j % T, mask=inb, other=0.0).to(ACC)
+        m = load_as(mask_ptr + bi * stride_mask_batch + j % T, inb, ACC)
         v = v * m
     if HAS_ACC:
-        v = tl.load(acc_ptr + bi * ct + j, mask=inb, other=0.0).to(ACC) + v
+        v = load_as(acc_ptr + bi * ct + j, inb, ACC) + v
     if LAST:
         v = _lrelu(v / n_div, slope)
         if HAS_MASK:
             v = v * m
-    tl.store(out_ptr + bi * ct + j, _out(v, out_ptr), mask=inb)
+    tl.store(out_ptr + bi * ct + j, cast_for(v, out_ptr), mask=inb)
 
 
 @triton.jit
 def _mrf_bwd_kernel(
     dout_ptr,  # [B, C, T] gradient of the stage output (the LAST mrf's output), contiguous
     out_ptr,  # [B, C, T] the stage output (its sign picks the lrelu branch), contiguous
-    mask_ptr,  # [B, 1, T] mask (batch stride m_sb); unused unless HAS_MASK
+    mask_ptr,  # [B, 1, T] mask (batch stride stride_mask_batch); unused unless HAS_MASK
     d_ptr,  # [B, C, T] output: gradient of the MRF sum (= of acc), dout * mask * lrelu' / n_div
-    C, T, m_sb, n_div, slope,
-    HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    C, T, stride_mask_batch, n_div, slope,
+    HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ct = C * T
-    inb = j < ct
-    d = tl.load(dout_ptr + bi * ct + j, mask=inb, other=0.0).to(ACC)
-    if HAS_MASK:
-        d = d * tl.load(mask_ptr + bi * m_sb + j % T, mask=inb, other=0.0).to(ACC)
-    o = tl.load(out_ptr + bi * ct + j, mask=inb, other=0.0).to(ACC)
-    d = tl.where(o > 0, d, d * slope) / n_div
-    tl.store(d_ptr + bi * ct + j, _out(d, d_ptr), mask=inb)
+    bi, j, inb, ct, d = _masked_lrelu_grad(dout_ptr, out_ptr, mask_ptr, stride_mask_batch, C, T, slope, HAS_MASK, ACC,
+                                           BLOCK)
+    d = d / n_div
+    tl.store(d_ptr + bi * ct + j, cast_for(d, d_ptr), mask=inb)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 # Launch configurations (read by tests/test_kernel_compile.py): every (kernel, dtypes, constexprs) the
 # launchers below use. Dtypes per (data, mask): data = conv outputs and residual streams, mask = the mask; the
 # masked outputs (activation, MRF sum) are in promote(data, mask). Same-dtype runs for fp32/bf16/fp16/fp64, plus
 # the autocast mix of bf16/fp16 data with an fp32 mask; without a mask only the data dtype matters.
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 
 _DTYPE_PAIRS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp64", "fp64"), ("bf16", "fp32"),
                 ("fp16", "fp32"))
 
 
 def _compile_configs():
-    cfgs = []
-
-    def add(fn, sig, consts, name):
-        sig = dict(sig, **{k: "constexpr" for k in consts})
-        cfgs.append(dict(fn=fn, signature=sig, constexprs=consts, name=name, num_warps=4))
-
+    cfgs, add = config_collector()
     ints = {"C": "i32", "T": "i32"}
     for ddt, mdt in _DTYPE_PAIRS:
         odt = "fp64" if "fp64" in (ddt, mdt) else ("fp32" if "fp32" in (ddt, mdt) else ddt)
@@ -264,39 +244,33 @@ def _compile_configs():
             tag = f"{ddt}/{mdt if has_mask else '-'}"
             # activation (HAS_Y=False: plain or conditioned; HAS_Y=True: residual step, never with a bias)
             for has_y, has_b in ((False, False), (False, True), (True, False)):
-                add(_act_fwd_kernel, dict(x_ptr=d, y_ptr=d, b_ptr=d, mask_ptr=m, s_ptr=d, xt_ptr=od, **ints,
-                                          b_sb="i32", b_sc="i32", m_sb="i32", slope="fp32"),
+                add(_act_fwd_kernel, dict(x_ptr=d, y_ptr=d, bias_ptr=d, mask_ptr=m, s_ptr=d, xt_ptr=od, **ints,
+                                          stride_bias_batch="i32", stride_bias_chan="i32", stride_mask_batch="i32",
+                                          slope="fp32"),
                     dict(base, HAS_Y=has_y, HAS_B=has_b), f"hifigan act fwd {tag} y={has_y} b={has_b}")
             for has_ds in (False, True):
                 add(_act_bwd_kernel, dict(dxt_ptr=od, xt_ptr=od, ds_ptr=d, mask_ptr=m, d_ptr=d, **ints,
-                                          m_sb="i32", slope="fp32"),
+                                          stride_mask_batch="i32", slope="fp32"),
                     dict(base, HAS_DS=has_ds), f"hifigan act bwd {tag} ds={has_ds}")
             for has_acc in (False, True):
                 for last in (False, True):
                     if not (has_acc or has_mask or last):
                         continue  # a lone y + x stays an aten add
                     add(_mrf_fwd_kernel, dict(y_ptr=d, x_ptr=d, acc_ptr=od, mask_ptr=m, out_ptr=od, **ints,
-                                              m_sb="i32", n_div="fp32", slope="fp32"),
+                                              stride_mask_batch="i32", n_div="fp32", slope="fp32"),
                         dict(base, HAS_ACC=has_acc, LAST=last), f"hifigan mrf fwd {tag} acc={has_acc} last={last}")
             if ddt == mdt or not has_mask:  # reads/writes only the output dtype: the mixed pairs are fp32's
-                add(_mrf_bwd_kernel, dict(dout_ptr=od, out_ptr=od, mask_ptr=m, d_ptr=od, **ints, m_sb="i32",
+                add(_mrf_bwd_kernel, dict(dout_ptr=od, out_ptr=od, mask_ptr=m, d_ptr=od, **ints,
+                                          stride_mask_batch="i32",
                                           n_div="fp32", slope="fp32"), base, f"hifigan mrf bwd {tag}")
     return cfgs
 
 
 COMPILE_CONFIGS = _compile_configs()
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 # Launchers
-# ----------------------------------------------------------------------------------------------------------
-
-
-_empty = empty  # module-level name, so tests can NaN-fill this file's outputs
-_launch = launch
-
-
-def _grid(b: int, c: int, t: int):
-    return (triton.cdiv(c * t, BLOCK), b)
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _check(name: str, x: torch.Tensor, *others: Optional[torch.Tensor], mask: Optional[torch.Tensor] = None,
@@ -325,13 +299,13 @@ def _check(name: str, x: torch.Tensor, *others: Optional[torch.Tensor], mask: Op
 
 
 def _mask_ptr(mask: Optional[torch.Tensor], b: int, t: int, dummy: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    return _mask_arg(mask, b, t) if mask is not None else (dummy, 0)
+    return mask_arg(mask, b, t) if mask is not None else (dummy, 0)
 
 
 def _dtypes(data: Tuple[torch.Tensor, ...], mask: Optional[torch.Tensor]) -> Tuple[torch.dtype, torch.dtype]:
     """(data dtype D, dtype of the masked results O = promote(D, mask))."""
-    d = _promote(*(v.dtype for v in data))
-    return d, (_promote(d, mask.dtype) if mask is not None else d)
+    d = promote(*(v.dtype for v in data))
+    return d, (promote(d, mask.dtype) if mask is not None else d)
 
 
 # ---- activations ----------------------------------------------------------------------------------------------
@@ -346,24 +320,17 @@ def hifigan_act(x: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[to
     Returns [b, c, t] in the dtype PyTorch's promotion gives.
     """
     b, c, t = _check("hifigan_act", x, mask=mask, bias=bias, slope=slope)
-    _check_device(x)
     dd, od = _dtypes((x,) if bias is None else (x, bias), mask)
     x = x.to(dd).contiguous()
-    xt = _empty((b, c, t), od, x.device)
+    xt = _common.empty((b, c, t), od, x.device)
     if xt.numel():
         bp = bias.to(dd) if bias is not None else x
         b_sb, b_sc = (bp.stride(0) if bp.shape[0] > 1 else 0, bp.stride(1)) if bias is not None else (0, 0)
         m, m_sb = _mask_ptr(mask, b, t, x)
-        _launch(_act_fwd_kernel, _grid(b, c, t), x, x, x, bp, m, x, xt, c, t, b_sb, b_sc, m_sb, float(slope),
-                HAS_Y=False, HAS_B=bias is not None, HAS_MASK=mask is not None, ACC=_acc_dtype(x, m),
-                BLOCK=BLOCK)
+        launch(_act_fwd_kernel, flat_grid(c * t, b, BLOCK), x, x, x, bp, m, x, xt, c, t, b_sb, b_sc, m_sb,
+               float(slope), HAS_Y=False, HAS_B=bias is not None, HAS_MASK=mask is not None, ACC=acc_dtype(x, m),
+               BLOCK=BLOCK)
     return xt
-
-
-@hifigan_act.register_fake
-def _(x, bias, mask, slope):
-    _check("hifigan_act", x, mask=mask, bias=bias, slope=slope)
-    return x.new_empty(x.shape, dtype=_dtypes((x,) if bias is None else (x, bias), mask)[1])
 
 
 @torch.library.custom_op("vits_fast::hifigan_res_act", mutates_args=())
@@ -374,23 +341,15 @@ def hifigan_res_act(y: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tenso
     y, x: [b, c, t]; mask: [b, 1, t] (non-negative) or None. Returns (s, xt), both [b, c, t].
     """
     b, c, t = _check("hifigan_res_act", x, y, mask=mask, slope=slope)
-    _check_device(x)
     dd, od = _dtypes((y, x), mask)
     y, x = y.to(dd).contiguous(), x.to(dd).contiguous()
-    s = _empty((b, c, t), dd, x.device)
-    xt = _empty((b, c, t), od, x.device)
+    s = _common.empty((b, c, t), dd, x.device)
+    xt = _common.empty((b, c, t), od, x.device)
     if xt.numel():
         m, m_sb = _mask_ptr(mask, b, t, x)
-        _launch(_act_fwd_kernel, _grid(b, c, t), x, x, y, x, m, s, xt, c, t, 0, 0, m_sb, float(slope),
-                HAS_Y=True, HAS_B=False, HAS_MASK=mask is not None, ACC=_acc_dtype(x, m), BLOCK=BLOCK)
+        launch(_act_fwd_kernel, flat_grid(c * t, b, BLOCK), x, x, y, x, m, s, xt, c, t, 0, 0, m_sb, float(slope),
+               HAS_Y=True, HAS_B=False, HAS_MASK=mask is not None, ACC=acc_dtype(x, m), BLOCK=BLOCK)
     return s, xt
-
-
-@hifigan_res_act.register_fake
-def _(y, x, mask, slope):
-    _check("hifigan_res_act", x, y, mask=mask, slope=slope)
-    dd, od = _dtypes((y, x), mask)
-    return x.new_empty(x.shape, dtype=dd), x.new_empty(x.shape, dtype=od)
 
 
 @torch.library.custom_op("vits_fast::hifigan_act_bwd", mutates_args=())
@@ -402,63 +361,15 @@ def hifigan_act_bwd(dxt: torch.Tensor, xt: torch.Tensor, ds: Optional[torch.Tens
     stream ``s`` or None. Returns ``ds + dxt * mask * (xt > 0 ? 1 : slope)`` [b, c, t] in ``out_dtype``.
     """
     b, c, t = _check("hifigan_act_bwd", xt, dxt, ds, mask=mask, slope=slope)
-    _check_device(xt)
     dxt, xt = dxt.to(xt.dtype).contiguous(), xt.contiguous()
     ds = ds.contiguous() if ds is not None else None
-    d = _empty((b, c, t), out_dtype, xt.device)
+    d = _common.empty((b, c, t), out_dtype, xt.device)
     if d.numel():
         m, m_sb = _mask_ptr(mask, b, t, xt)
-        _launch(_act_bwd_kernel, _grid(b, c, t), xt, dxt, xt, ds if ds is not None else xt, m, d, c, t, m_sb,
-                float(slope), HAS_DS=ds is not None, HAS_MASK=mask is not None, ACC=_acc_dtype(xt, m),
-                BLOCK=BLOCK)
+        launch(_act_bwd_kernel, flat_grid(c * t, b, BLOCK), xt, dxt, xt, ds if ds is not None else xt, m, d, c, t,
+               m_sb, float(slope), HAS_DS=ds is not None, HAS_MASK=mask is not None, ACC=acc_dtype(xt, m),
+               BLOCK=BLOCK)
     return d
-
-
-@hifigan_act_bwd.register_fake
-def _(dxt, xt, ds, mask, slope, out_dtype):
-    _check("hifigan_act_bwd", xt, dxt, ds, mask=mask, slope=slope)
-    return xt.new_empty(xt.shape, dtype=out_dtype)
-
-
-def _constant_mask(ctx, mask_index: int, name: str) -> None:
-    if ctx.needs_input_grad[mask_index]:
-        raise ValueError(f"vits_fast::{name}: the mask is a constant; it cannot require grad")
-
-
-def _act_setup(ctx, inputs, output):
-    x, bias, mask, slope = inputs
-    ctx.slope, ctx.x_dtypes = slope, (x.dtype, _promote(x.dtype, *((bias.dtype,) if bias is not None else ())))
-    ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
-    ctx.save_for_backward(output, mask)
-
-
-def _act_backward(ctx, dxt):
-    _constant_mask(ctx, 2, "hifigan_act")
-    xt, mask = ctx.saved_tensors
-    x_dt, z_dt = ctx.x_dtypes  # z = x + bias
-    d = hifigan_act_bwd(dxt, xt, None, mask, ctx.slope, z_dt)
-    dbias = _sum_to(d, ctx.bias_meta[0]).to(ctx.bias_meta[1]) if ctx.bias_meta is not None else None
-    return d.to(x_dt), dbias, None, None
-
-
-hifigan_act.register_autograd(_act_backward, setup_context=_act_setup)
-
-
-def _res_act_setup(ctx, inputs, output):
-    y, x, mask, slope = inputs
-    ctx.slope, ctx.dtypes = slope, (y.dtype, x.dtype, output[0].dtype)  # output[0]: s = y + x, promoted
-    ctx.save_for_backward(output[1], mask)
-
-
-def _res_act_backward(ctx, ds, dxt):
-    _constant_mask(ctx, 2, "hifigan_res_act")
-    xt, mask = ctx.saved_tensors
-    y_dt, x_dt, s_dt = ctx.dtypes
-    d = hifigan_act_bwd(dxt, xt, ds, mask, ctx.slope, s_dt)
-    return d.to(y_dt), d.to(x_dt), None, None
-
-
-hifigan_res_act.register_autograd(_res_act_backward, setup_context=_res_act_setup)
 
 
 # ---- end of a block: MRF sum, and the stage's output activation ----------------------------------------------------
@@ -474,25 +385,17 @@ def hifigan_mrf(y: torch.Tensor, x: torch.Tensor, acc: Optional[torch.Tensor], m
     mask: [b, 1, t] (non-negative) or None. Returns [b, c, t].
     """
     b, c, t = _check("hifigan_mrf", x, y, acc, mask=mask, slope=slope, num_kernels=num_kernels)
-    _check_device(x)
     dd, od = _dtypes((y, x), mask)
-    od = _promote(od, acc.dtype) if acc is not None else od
+    od = promote(od, acc.dtype) if acc is not None else od
     y, x = y.to(dd).contiguous(), x.to(dd).contiguous()
     acc = acc.to(od).contiguous() if acc is not None else None
-    out = _empty((b, c, t), od, x.device)
+    out = _common.empty((b, c, t), od, x.device)
     if out.numel():
         m, m_sb = _mask_ptr(mask, b, t, x)
-        _launch(_mrf_fwd_kernel, _grid(b, c, t), x, y, x, acc if acc is not None else x, m, out, c, t, m_sb,
-                float(num_kernels), float(slope) if slope is not None else 0.0, HAS_ACC=acc is not None,
-                HAS_MASK=mask is not None, LAST=slope is not None, ACC=_acc_dtype(x, m), BLOCK=BLOCK)
+        launch(_mrf_fwd_kernel, flat_grid(c * t, b, BLOCK), x, y, x, acc if acc is not None else x, m, out, c, t,
+               m_sb, float(num_kernels), float(slope) if slope is not None else 0.0, HAS_ACC=acc is not None,
+               HAS_MASK=mask is not None, LAST=slope is not None, ACC=acc_dtype(x, m), BLOCK=BLOCK)
     return out
-
-
-@hifigan_mrf.register_fake
-def _(y, x, acc, mask, num_kernels, slope):
-    _check("hifigan_mrf", x, y, acc, mask=mask, slope=slope, num_kernels=num_kernels)
-    od = _dtypes((y, x), mask)[1]
-    return x.new_empty(x.shape, dtype=_promote(od, acc.dtype) if acc is not None else od)
 
 
 @torch.library.custom_op("vits_fast::hifigan_mrf_bwd", mutates_args=())
@@ -504,14 +407,85 @@ def hifigan_mrf_bwd(dout: torch.Tensor, out: torch.Tensor, mask: Optional[torch.
     ``dout * mask * (out > 0 ? 1 : slope) / num_kernels`` [b, c, t] in ``out``'s dtype.
     """
     b, c, t = _check("hifigan_mrf_bwd", out, dout, mask=mask, slope=slope, num_kernels=num_kernels)
-    _check_device(out)
     dout, out = dout.to(out.dtype).contiguous(), out.contiguous()
-    d = _empty((b, c, t), out.dtype, out.device)
+    d = _common.empty((b, c, t), out.dtype, out.device)
     if d.numel():
         m, m_sb = _mask_ptr(mask, b, t, out)
-        _launch(_mrf_bwd_kernel, _grid(b, c, t), out, dout, out, m, d, c, t, m_sb, float(num_kernels),
-                float(slope), HAS_MASK=mask is not None, ACC=_acc_dtype(out, m), BLOCK=BLOCK)
+        launch(_mrf_bwd_kernel, flat_grid(c * t, b, BLOCK), out, dout, out, m, d, c, t, m_sb, float(num_kernels),
+               float(slope), HAS_MASK=mask is not None, ACC=acc_dtype(out, m), BLOCK=BLOCK)
     return d
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Custom-op registration: fake tensors (shapes and dtypes for torch.compile and opcheck) and autograd
+# --------------------------------------------------------------------------------------------------------------
+
+
+@hifigan_act.register_fake
+def _(x, bias, mask, slope):
+    _check("hifigan_act", x, mask=mask, bias=bias, slope=slope)
+    return x.new_empty(x.shape, dtype=_dtypes((x,) if bias is None else (x, bias), mask)[1])
+
+
+@hifigan_res_act.register_fake
+def _(y, x, mask, slope):
+    _check("hifigan_res_act", x, y, mask=mask, slope=slope)
+    dd, od = _dtypes((y, x), mask)
+    return x.new_empty(x.shape, dtype=dd), x.new_empty(x.shape, dtype=od)
+
+
+@hifigan_act_bwd.register_fake
+def _(dxt, xt, ds, mask, slope, out_dtype):
+    _check("hifigan_act_bwd", xt, dxt, ds, mask=mask, slope=slope)
+    return xt.new_empty(xt.shape, dtype=out_dtype)
+
+
+def _constant_mask(ctx, mask_index: int, name: str) -> None:
+    if ctx.needs_input_grad[mask_index]:
+        raise ValueError(f"vits_fast::{name}: the mask is a constant; it cannot require grad")
+
+
+def _act_setup(ctx, inputs, output):
+    x, bias, mask, slope = inputs
+    ctx.slope, ctx.x_dtypes = slope, (x.dtype, promote(x.dtype, *((bias.dtype,) if bias is not None else ())))
+    ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+    ctx.save_for_backward(output, mask)
+
+
+def _act_grads(ctx, dxt):
+    _constant_mask(ctx, 2, "hifigan_act")
+    xt, mask = ctx.saved_tensors
+    x_dt, z_dt = ctx.x_dtypes  # z = x + bias
+    d = hifigan_act_bwd(dxt, xt, None, mask, ctx.slope, z_dt)
+    dbias = sum_to(d, ctx.bias_meta[0]).to(ctx.bias_meta[1]) if ctx.bias_meta is not None else None
+    return d.to(x_dt), dbias, None, None
+
+
+hifigan_act.register_autograd(_act_grads, setup_context=_act_setup)
+
+
+def _res_act_setup(ctx, inputs, output):
+    y, x, mask, slope = inputs
+    ctx.slope, ctx.dtypes = slope, (y.dtype, x.dtype, output[0].dtype)  # output[0]: s = y + x, promoted
+    ctx.save_for_backward(output[1], mask)
+
+
+def _res_act_grads(ctx, ds, dxt):
+    _constant_mask(ctx, 2, "hifigan_res_act")
+    xt, mask = ctx.saved_tensors
+    y_dt, x_dt, s_dt = ctx.dtypes
+    d = hifigan_act_bwd(dxt, xt, ds, mask, ctx.slope, s_dt)
+    return d.to(y_dt), d.to(x_dt), None, None
+
+
+hifigan_res_act.register_autograd(_res_act_grads, setup_context=_res_act_setup)
+
+
+@hifigan_mrf.register_fake
+def _(y, x, acc, mask, num_kernels, slope):
+    _check("hifigan_mrf", x, y, acc, mask=mask, slope=slope, num_kernels=num_kernels)
+    od = _dtypes((y, x), mask)[1]
+    return x.new_empty(x.shape, dtype=promote(od, acc.dtype) if acc is not None else od)
 
 
 @hifigan_mrf_bwd.register_fake
@@ -527,7 +501,7 @@ def _mrf_setup(ctx, inputs, output):
     ctx.save_for_backward(output if slope is not None else None, mask)
 
 
-def _mrf_backward(ctx, dout):
+def _mrf_grads(ctx, dout):
     _constant_mask(ctx, 3, "hifigan_mrf")
     out, mask = ctx.saved_tensors
     y_dt, x_dt, acc_dt = ctx.dtypes
@@ -537,10 +511,12 @@ def _mrf_backward(ctx, dout):
     return dyx.to(y_dt), dyx.to(x_dt), (dv.to(acc_dt) if acc_dt is not None else None), None, None, None
 
 
-hifigan_mrf.register_autograd(_mrf_backward, setup_context=_mrf_setup)
+hifigan_mrf.register_autograd(_mrf_grads, setup_context=_mrf_setup)
 
 
-# ---- modules ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
+# Module entry points
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _float_mask(x_mask: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:

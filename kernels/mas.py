@@ -7,7 +7,7 @@ int32 path back and casts it. The published GPU version (super-monotonic-align) 
 re-reads the previous DP column from global memory with strided loads at every frame, overwrites its input and
 only takes the Glow-TTS layout. Here, in VITS layout ``[b, t_y (frames), t_x (text)]``:
 
-* ``_mas_forward_kernel``, one program per batch item (the DP is serial over frames):
+* ``_mas_fwd_kernel``, one program per batch item (the DP is serial over frames):
   - forward: the DP row over text positions is one register vector of ``BLOCK_X`` lanes; ``v[y-1, x-1]`` is a
     lane shift (``tl.gather``), never a memory round trip. Each frame's scores are one coalesced row read,
     prefetched two frames ahead. The decision of every cell ("the backtrack steps to ``x-1`` before frame
@@ -42,6 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+from ._common import cast_for, launch
+
 MAX_TEXT = 2048
 MAX_FRAMES = 65536
 MIN_BLOCK_X = 128  # narrowest DP row: one warp, 4 lanes per thread
@@ -50,18 +53,22 @@ PATH_BLOCK_X = 128  # text positions per program of the expansion kernel
 PATH_WARPS = 4
 NEG = tl.constexpr(-1e9)  # upstream's max_neg_val, exact in float32
 
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels (pointer comments give shapes)
+# --------------------------------------------------------------------------------------------------------------
+
 
 @triton.jit
-def _mas_forward_kernel(
-    nc_ptr,  # *fp32|bf16|fp16 [b, T_y, T_x] scores, text axis contiguous (strides stride_b, stride_y, 1)
+def _mas_fwd_kernel(
+    nc_ptr,  # *fp32|bf16|fp16 [b, T_y, T_x] scores, text axis contiguous (strides stride_nc_batch, stride_nc_frame, 1)
     xlen_ptr,  # *i32 [b] text lengths
     ylen_ptr,  # *i32 [b] frame counts
     bits_ptr,  # *i32 [b, cdiv(T_y, 32), BLOCK_X] scratch: decision bits, groups < cdiv(t_y, 32) written
     idx_ptr,  # *i32 [b, T_y] out: text index of each frame (rows < t_y of valid items only)
     T_y,
     T_x,
-    stride_b,
-    stride_y,
+    stride_nc_batch,
+    stride_nc_frame,
     BLOCK_X: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -77,23 +84,23 @@ def _mas_forward_kernel(
     is_first = offs == 0
     not_first = offs > 0
     shift_src = tl.maximum(offs - 1, 0)
-    nc_lanes = nc_ptr + pid64 * stride_b + offs  # row 0 of this item
+    nc_lanes = nc_ptr + pid64 * stride_nc_batch + offs  # row 0 of this item
     bits_item = bits_ptr + pid64 * tl.cdiv(T_y, 32) * BLOCK_X
-    last_off = tl.maximum(n_rows - 1, 0).to(tl.int64) * stride_y  # prefetches past the end re-read this row
+    last_off = tl.maximum(n_rows - 1, 0).to(tl.int64) * stride_nc_frame  # prefetches past the end re-read this row
 
     # Lanes outside the band [max(0, tx + y - ty), min(tx, y + 1)) hold values that no in-band cell ever reads
     # (an in-band cell's predecessors lie in the previous row's band), so they are left unmasked.
     # Row 0: v[0, 0] = value[0, 0] + max(0, -1e9); it has no decisions (acc starts at 0).
     v = tl.load(nc_lanes, mask=in_tx, other=0.0).to(tl.float32) + 0.0
-    ahead_off = tl.minimum(last_off, stride_y)
+    ahead_off = tl.minimum(last_off, stride_nc_frame)
     val_a = tl.load(nc_lanes + ahead_off, mask=in_tx, other=0.0)  # row 1, kept in the input dtype
-    ahead_off = tl.minimum(ahead_off + stride_y, last_off)
+    ahead_off = tl.minimum(ahead_off + stride_nc_frame, last_off)
     val_b = tl.load(nc_lanes + ahead_off, mask=in_tx, other=0.0)  # row 2
     acc = tl.zeros([BLOCK_X], tl.int32)  # decision bits of the current group of 32 frames
     for y in range(1, n_rows):
         val = val_a.to(tl.float32)  # row y; rows y + 1 and y + 2 are in flight
         val_a = val_b
-        ahead_off = tl.minimum(ahead_off + stride_y, last_off)
+        ahead_off = tl.minimum(ahead_off + stride_nc_frame, last_off)
         val_b = tl.load(nc_lanes + ahead_off, mask=in_tx, other=0.0)
         left = tl.where(is_first, NEG, tl.gather(v, shift_src, 0))  # v[y-1, x-1]
         diag = offs == y
@@ -131,8 +138,7 @@ def _mas_path_kernel(
     dur_ptr,  # *fp32|bf16|fp16 [b, T_x] out: frames per text position, every element written
     T_y,
     T_x,
-    BLOCK_Y: tl.constexpr,
-    BLOCK_X: tl.constexpr,
+    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_x = tl.program_id(1)
@@ -151,11 +157,11 @@ def _mas_path_kernel(
         idx = tl.load(idx_item + ys, mask=ys < n_rows, other=-1)
         hit = xs[None, :] == idx[:, None]
         # via float32: the interpreter mis-converts integers straight to bf16
-        tl.store(out_item + (ys[:, None] * T_x + xs[None, :]), hit.to(tl.float32).to(path_ptr.dtype.element_ty),
+        tl.store(out_item + (ys[:, None] * T_x + xs[None, :]), cast_for(hit.to(tl.float32), path_ptr),
                  mask=(ys[:, None] < T_y) & x_ok)
         count += hit.to(tl.int32)
     dur = tl.sum(count, axis=0)
-    tl.store(dur_ptr + pid_b * T_x + xs, dur.to(tl.float32).to(dur_ptr.dtype.element_ty), mask=xs < T_x)
+    tl.store(dur_ptr + pid_b * T_x + xs, cast_for(dur.to(tl.float32), dur_ptr), mask=xs < T_x)
 
 
 def block_x_for(t_x: int) -> int:
@@ -166,12 +172,42 @@ def block_x_for(t_x: int) -> int:
 # Warps of the forward kernel per row width: 2-4 lanes per thread. Picked with the compile check on triton 3.6
 # and 3.9 for sm_80/sm_90: ptxas spills a few bytes with other counts (e.g. 1024 lanes x 4 warps bf16 on sm_80,
 # 256 lanes x 2 warps and 512 x 4 fp32 on sm_90 with triton 3.6).
-_FORWARD_WARPS = {128: 1, 256: 4, 512: 8, 1024: 8, 2048: 16}
+_FWD_WARPS = {128: 1, 256: 4, 512: 8, 1024: 8, 2048: 16}
 
 
-def forward_warps(block_x: int) -> int:
+def fwd_warps(block_x: int) -> int:
     """Warps of the forward kernel for a ``block_x``-lane DP row."""
-    return _FORWARD_WARPS[block_x]
+    return _FWD_WARPS[block_x]
+
+
+def _compile_configs():
+    fwd_sig = {"nc_ptr": None, "xlen_ptr": "*i32", "ylen_ptr": "*i32", "bits_ptr": "*i32", "idx_ptr": "*i32",
+               "T_y": "i32", "T_x": "i32", "stride_nc_batch": "i32", "stride_nc_frame": "i32",
+               "BLOCK_X": "constexpr"}
+    path_sig = {"idx_ptr": "*i32", "xlen_ptr": "*i32", "ylen_ptr": "*i32", "path_ptr": None, "dur_ptr": None,
+                "T_y": "i32", "T_x": "i32", "BLOCK_Y": "constexpr", "BLOCK_X": "constexpr"}
+    configs = []
+    for ty in ("fp32", "bf16", "fp16"):
+        block = MIN_BLOCK_X
+        while block <= MAX_TEXT:
+            configs.append(dict(fn=_mas_fwd_kernel, signature={**fwd_sig, "nc_ptr": f"*{ty}"},
+                                constexprs={"BLOCK_X": block}, num_warps=fwd_warps(block),
+                                name=f"mas fwd {ty} BLOCK_X={block}"))
+            block *= 2
+        configs.append(dict(fn=_mas_path_kernel,
+                            signature={**path_sig, "path_ptr": f"*{ty}", "dur_ptr": f"*{ty}"},
+                            constexprs={"BLOCK_Y": PATH_BLOCK_Y, "BLOCK_X": PATH_BLOCK_X},
+                            num_warps=PATH_WARPS, name=f"mas path {ty}"))
+    return configs
+
+
+# Every launch configuration the launcher uses (see tests/test_kernel_compile.py).
+COMPILE_CONFIGS = _compile_configs()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -190,7 +226,10 @@ def check_sizes(neg_cent: torch.Tensor) -> None:
                          f"(dim 1), got {t_y}; use the CPU path (backend 'reference')")
 
 
-def _launch(neg_cent: torch.Tensor, x_lengths: torch.Tensor, y_lengths: torch.Tensor):
+@torch.library.custom_op("vits_fast::maximum_path", mutates_args=())
+def _maximum_path_op(neg_cent: torch.Tensor, x_lengths: torch.Tensor,
+                     y_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search and the dense expansion (arguments checked by :func:`maximum_path_triton`)."""
     b, t_y, t_x = neg_cent.shape
     dtype = neg_cent.dtype
     if dtype not in _KERNEL_DTYPES:  # float64: searched on float32 scores, as the CPU path does
@@ -198,29 +237,25 @@ def _launch(neg_cent: torch.Tensor, x_lengths: torch.Tensor, y_lengths: torch.Te
     if neg_cent.stride(2) != 1:
         neg_cent = neg_cent.contiguous()
     dev = neg_cent.device
-    path = torch.empty((b, t_y, t_x), dtype=neg_cent.dtype, device=dev)
-    dur = torch.empty((b, t_x), dtype=neg_cent.dtype, device=dev)
+    path = _common.empty((b, t_y, t_x), neg_cent.dtype, dev)
+    dur = _common.empty((b, t_x), neg_cent.dtype, dev)
     if b == 0 or t_y == 0 or t_x == 0:
         return path.zero_().to(dtype), dur.zero_().to(dtype)
     xl = x_lengths.to(device=dev, dtype=torch.int32)
     yl = y_lengths.to(device=dev, dtype=torch.int32)
     block_x = block_x_for(t_x)
-    bits = torch.empty((b, triton.cdiv(t_y, 32), block_x), dtype=torch.int32, device=dev)
-    idx = torch.empty((b, t_y), dtype=torch.int32, device=dev)
-    _mas_forward_kernel[(b,)](
-        neg_cent, xl, yl, bits, idx, t_y, t_x, neg_cent.stride(0), neg_cent.stride(1),
-        BLOCK_X=block_x, num_warps=forward_warps(block_x), num_stages=1,
-    )
-    _mas_path_kernel[(b, triton.cdiv(t_x, PATH_BLOCK_X))](
-        idx, xl, yl, path, dur, t_y, t_x, BLOCK_Y=PATH_BLOCK_Y, BLOCK_X=PATH_BLOCK_X, num_warps=PATH_WARPS,
-    )
+    bits = _common.empty((b, triton.cdiv(t_y, 32), block_x), torch.int32, dev)
+    idx = _common.empty((b, t_y), torch.int32, dev)
+    launch(_mas_fwd_kernel, (b,), neg_cent, neg_cent, xl, yl, bits, idx, t_y, t_x, neg_cent.stride(0),
+           neg_cent.stride(1), BLOCK_X=block_x, num_warps=fwd_warps(block_x), num_stages=1)
+    launch(_mas_path_kernel, (b, triton.cdiv(t_x, PATH_BLOCK_X)), neg_cent, idx, xl, yl, path, dur, t_y, t_x,
+           BLOCK_Y=PATH_BLOCK_Y, BLOCK_X=PATH_BLOCK_X, num_warps=PATH_WARPS)
     return path.to(dtype), dur.to(dtype)
 
 
-@torch.library.custom_op("vits_fast::maximum_path", mutates_args=())
-def _maximum_path_op(neg_cent: torch.Tensor, x_lengths: torch.Tensor,
-                     y_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(neg_cent, x_lengths, y_lengths)
+# --------------------------------------------------------------------------------------------------------------
+# Custom-op registration: fake tensors (shapes and dtypes for torch.compile and opcheck) and autograd
+# --------------------------------------------------------------------------------------------------------------
 
 
 @_maximum_path_op.register_fake
@@ -229,17 +264,22 @@ def _(neg_cent, x_lengths, y_lengths):
     return neg_cent.new_empty((b, t_y, t_x)), neg_cent.new_empty((b, t_x))
 
 
-def _setup_context(ctx, inputs, output):
+def _maximum_path_setup(ctx, inputs, output):
     # The path is piecewise constant in the scores (zero derivative wherever one exists): like upstream's
     # detached path, the outputs do not require grad.
     ctx.mark_non_differentiable(*output)
 
 
-def _backward(ctx, grad_path, grad_dur):
+def _maximum_path_grads(ctx, grad_path, grad_dur):
     return None, None, None
 
 
-_maximum_path_op.register_autograd(_backward, setup_context=_setup_context)
+_maximum_path_op.register_autograd(_maximum_path_grads, setup_context=_maximum_path_setup)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Module entry points
+# --------------------------------------------------------------------------------------------------------------
 
 
 def maximum_path_triton(neg_cent: torch.Tensor, x_lengths: torch.Tensor,
@@ -271,27 +311,3 @@ def maximum_path_triton(neg_cent: torch.Tensor, x_lengths: torch.Tensor,
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
     return _maximum_path_op(neg_cent, x_lengths, y_lengths)
-
-
-def _compile_configs():
-    fwd_sig = {"nc_ptr": None, "xlen_ptr": "*i32", "ylen_ptr": "*i32", "bits_ptr": "*i32", "idx_ptr": "*i32",
-               "T_y": "i32", "T_x": "i32", "stride_b": "i32", "stride_y": "i32", "BLOCK_X": "constexpr"}
-    path_sig = {"idx_ptr": "*i32", "xlen_ptr": "*i32", "ylen_ptr": "*i32", "path_ptr": None, "dur_ptr": None,
-                "T_y": "i32", "T_x": "i32", "BLOCK_Y": "constexpr", "BLOCK_X": "constexpr"}
-    configs = []
-    for ty in ("fp32", "bf16", "fp16"):
-        block = MIN_BLOCK_X
-        while block <= MAX_TEXT:
-            configs.append(dict(fn=_mas_forward_kernel, signature={**fwd_sig, "nc_ptr": f"*{ty}"},
-                                constexprs={"BLOCK_X": block}, num_warps=forward_warps(block),
-                                name=f"mas forward {ty} BLOCK_X={block}"))
-            block *= 2
-        configs.append(dict(fn=_mas_path_kernel,
-                            signature={**path_sig, "path_ptr": f"*{ty}", "dur_ptr": f"*{ty}"},
-                            constexprs={"BLOCK_Y": PATH_BLOCK_Y, "BLOCK_X": PATH_BLOCK_X},
-                            num_warps=PATH_WARPS, name=f"mas path {ty}"))
-    return configs
-
-
-# Every launch configuration the launcher uses (see tests/test_kernel_compile.py).
-COMPILE_CONFIGS = _compile_configs()

@@ -39,39 +39,24 @@ reference than PyTorch's fp32 spline on log|det| and gradients.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty, launch
+from . import _common
+from ._common import (FLOW_DTYPE_PAIRS, FLOW_SUPPORTED, acc_dtype, cast_for, check_flow_args, compute_dtype,
+                      flow_grad_buffers, flow_inputs, launch, load_as, register_flow_autograd)
 
 from ..transforms import DEFAULT_MIN_BIN_HEIGHT, DEFAULT_MIN_BIN_WIDTH, DEFAULT_MIN_DERIVATIVE
 
 BLOCK_T = 64
 NUM_WARPS = 4
 
-# The Triton interpreter (TRITON_INTERPRET=1, how the CPU tests run kernels) converts fp32 -> bf16 by truncation;
-# GPUs round to nearest even. Interpreted stores round explicitly first so that tests see GPU numerics; compiled
-# kernels never contain that code (the flag is a compile-time False there).
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-
-
-@triton.jit
-def _cast_for(v, ptr):
-    # v converted to the element type of ptr, rounding to nearest even
-    if _INTERPRETED:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-    return v.to(ptr.dtype.element_ty)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# device helpers
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels: @triton.jit helpers, then the kernels (pointer comments give shapes)
+# --------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -92,8 +77,8 @@ def _pick(vals, sel):
 
 
 @triton.jit
-def _knots(u, j, lo, hi, min_size, CDT: tl.constexpr, K: tl.constexpr):
-    # u [BT, KP] fp64 bin logits (lanes j >= K ignored) -> softmax p [BT, KP] in CDT (0 beyond K) and the right knot
+def _knots(u, j, lo, hi, min_size, ACC: tl.constexpr, K: tl.constexpr):
+    # u [BT, KP] fp64 bin logits (lanes j >= K ignored) -> softmax p [BT, KP] in ACC (0 beyond K) and the right knot
     # of every bin [BT, KP] in fp64 (knot j + 1; the last one pinned to hi).
     # The knots are built in fp64: a bin's size and the offset of x inside it are differences of knots near
     # +-tail_bound, and a bin can be 1e-3 of the range, so fp32 knots (as in PyTorch's fp32 reference) carry ~1e-3
@@ -107,21 +92,21 @@ def _knots(u, j, lo, hi, min_size, CDT: tl.constexpr, K: tl.constexpr):
     frac = tl.where(valid, min_size + (1.0 - min_size * K) * p, 0.0)
     right = (hi - lo) * tl.cumsum(frac, axis=1) + lo
     right = tl.where(j == K - 1, hi, right)
-    return p.to(CDT), right
+    return p.to(ACC), right
 
 
 @triton.jit
-def _load_params(h_row, offs_t, m, T, div, CDT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+def _load_params(h_row, offs_t, m, T, div, ACC: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     # h_row: pointer to h[b, c * (3K - 1), 0] of h [B, C * (3K - 1), T]; returns the masked, scaled logits
     # uw, uh [BT, KP] (fp64, see _knots: one rounding of h / div would already move steep knots) and the masked
-    # raw interior derivatives ud [BT, KP] in CDT (valid lanes j < K - 1).
+    # raw interior derivatives ud [BT, KP] in ACC (valid lanes j < K - 1).
     j = tl.arange(0, KP)[None, :]
     tmask = (offs_t < T)[:, None]
     ptr = h_row + j * T + offs_t[:, None]
     mm = m[:, None].to(tl.float64)
     uw = tl.load(ptr, mask=tmask & (j < K), other=0.0).to(tl.float64) * mm / div
     uh = tl.load(ptr + K * T, mask=tmask & (j < K), other=0.0).to(tl.float64) * mm / div
-    ud = tl.load(ptr + 2 * K * T, mask=tmask & (j < K - 1), other=0.0).to(CDT) * m[:, None]
+    ud = load_as(ptr + 2 * K * T, tmask & (j < K - 1), ACC) * m[:, None]
     return uw, uh, ud
 
 
@@ -174,25 +159,25 @@ def _root(dy, bh, s, curv, d0):
 
 
 @triton.jit
-def _rq(v, inverse, xl, xr, yl, yr, dl, dr, CDT: tl.constexpr):
+def _rq(v, inverse, xl, xr, yl, yr, dl, dr, ACC: tl.constexpr):
     # Rational-quadratic map of one bin, forward (v = x) or inverse (v = y); the edges xl, xr, yl, yr are fp64.
     # Returns the mapped value, log|dy/dx| of the forward map at the bin coordinate t, and the intermediates the
-    # backward pass reuses (all in CDT). Sizes and offsets are differences of fp64 edges, rounded once.
+    # backward pass reuses (all in ACC). Sizes and offsets are differences of fp64 edges, rounded once.
     # t and u = 1 - t are each formed from the nearer bin edge, never as 1 - (a value near 1): near the top of a
     # bin the log-slope depends on u, which 1 - t would leave with no correct digit in fp32. The inverse solves the
     # quadratic from both ends (from the top it is the same map in u with dl and dr swapped) and keeps the smaller
     # root of the two, which is the accurate one.
     v64 = v.to(tl.float64)
-    bw = (xr - xl).to(CDT)
-    bh = (yr - yl).to(CDT)
+    bw = (xr - xl).to(ACC)
+    bh = (yr - yl).to(ACC)
     s = bh / bw
     curv = dl + dr - 2.0 * s
     inv = inverse != 0
-    r_lo = _root((v64 - yl).to(CDT), bh, s, curv, dl)
-    r_hi = _root((yr - v64).to(CDT), bh, s, curv, dr)
+    r_lo = _root((v64 - yl).to(ACC), bh, s, curv, dl)
+    r_hi = _root((yr - v64).to(ACC), bh, s, curv, dr)
     lo_side = r_lo <= r_hi
-    t = tl.where(inv, tl.where(lo_side, r_lo, 1.0 - r_hi), (v64 - xl).to(CDT) / bw)
-    u = tl.where(inv, tl.where(lo_side, 1.0 - r_lo, r_hi), (xr - v64).to(CDT) / bw)
+    t = tl.where(inv, tl.where(lo_side, r_lo, 1.0 - r_hi), (v64 - xl).to(ACC) / bw)
+    u = tl.where(inv, tl.where(lo_side, 1.0 - r_lo, r_hi), (xr - v64).to(ACC) / bw)
     t1 = t * u
     den = s + curv * t1
     num = s * t * t + dl * t1
@@ -201,11 +186,39 @@ def _rq(v, inverse, xl, xr, yl, yr, dl, dr, CDT: tl.constexpr):
     lad = tl.log(s * s * dn) - 2.0 * tl.log(den)
     out = tl.where(inv, tl.where(lo_side, xl + (t * bw).to(tl.float64), xr - (u * bw).to(tl.float64)),
                    yl + q.to(tl.float64))
-    return out.to(CDT), lad, t, u, bw, bh, s, curv, t1, den, num, q, dn
+    return out.to(ACC), lad, t, u, bw, bh, s, curv, t1, den, num, q, dn
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# kernels
+@triton.jit
+def _row_block(mask_ptr, C, T, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Program (time block, channel c, batch item b): time offsets [BLOCK_T] and in-bounds, the mask there (ACC), and
+    # the flat offsets of the x0 and x1 rows of channel c in [B, 2C, T].
+    pid_t = tl.program_id(0)
+    c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs < T
+    m = load_as(mask_ptr + b * T + offs, tmask, ACC)
+    return pid_t, c, b, offs, tmask, m, (b * 2 * C + c) * T, (b * 2 * C + C + c) * T
+
+
+@triton.jit
+def _spline_at(v, h_row, offs, m, T, inverse, tail, div, min_w, min_h, min_d, ACC: tl.constexpr, K: tl.constexpr,
+               KP: tl.constexpr):
+    # The spline whose parameters start at h_row (pointer to h[b, c(3K-1), 0]) at v [BT] (x, or y when inverting):
+    # the lane index j [1, KP], both softmaxes, the raw interior derivatives, which lanes lie inside the tail bound,
+    # the bin index, its edges and end derivatives, then _rq's results (tail lanes evaluate a finite dummy; the caller
+    # replaces them).
+    j = tl.arange(0, KP)[None, :]
+    uw, uh, ud = _load_params(h_row, offs, m, T, div, ACC, K, KP)
+    pw, kw = _knots(uw, j, -tail, tail, min_w, ACC, K)
+    ph, kh = _knots(uh, j, -tail, tail, min_h, ACC, K)
+    dint = min_d + _softplus(ud)
+    inside = (v >= -tail) & (v <= tail)
+    vs = tl.minimum(tl.maximum(v, -tail), tail)
+    idx, xl, xr, yl, yr, dl, dr = _locate(vs, kw, kh, dint, j, inverse, -tail, K)
+    y, lad, t, u, bw, bh, s, curv, t1, den, num, q, dn = _rq(vs, inverse, xl, xr, yl, yr, dl, dr, ACC)
+    return j, pw, ph, ud, inside, idx, xl, xr, yl, yr, dl, dr, y, lad, t, u, bw, bh, s, curv, t1, den, num, q, dn
 
 
 @triton.jit
@@ -218,36 +231,21 @@ def _spline_fwd_kernel(
     C, T, n_tb,
     inverse,  # 0: forward map, 1: inverse map
     tail, div, min_w, min_h, min_d,  # tail bound, sqrt(filter_channels), minimum bin width/height/derivative
+    ACC: tl.constexpr,  # compute dtype: fp32 (fp64 for fp64 data)
     K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = offs < T
-    j = tl.arange(0, KP)[None, :]
-    CDT = part_ptr.dtype.element_ty  # fp32 (fp64 for fp64 inputs)
-
-    m = tl.load(mask_ptr + b * T + offs, mask=tmask, other=0.0).to(CDT)
-    row0 = (b * 2 * C + c) * T
-    row1 = (b * 2 * C + C + c) * T
-    x0 = tl.load(x_ptr + row0 + offs, mask=tmask, other=0.0).to(CDT)
-    v = tl.load(x_ptr + row1 + offs, mask=tmask, other=0.0).to(CDT)
-    tl.store(out_ptr + row0 + offs, _cast_for(x0 * m, out_ptr), mask=tmask)
-
-    uw, uh, ud = _load_params(h_ptr + (b * C + c) * (3 * K - 1) * T, offs, m, T, div, CDT, K, KP)
-    pw, kw = _knots(uw, j, -tail, tail, min_w, CDT, K)
-    ph, kh = _knots(uh, j, -tail, tail, min_h, CDT, K)
-    dint = min_d + _softplus(ud)
-    inside = (v >= -tail) & (v <= tail)
-    vs = tl.minimum(tl.maximum(v, -tail), tail)  # tail lanes evaluate a finite dummy, replaced below
-    idx, xl, xr, yl, yr, dl, dr = _locate(vs, kw, kh, dint, j, inverse, -tail, K)
-    y, lad, t, u, bw, bh, s, curv, t1, den, num, q, dn = _rq(vs, inverse, xl, xr, yl, yr, dl, dr, CDT)
+    pid_t, c, b, offs, tmask, m, row0, row1 = _row_block(mask_ptr, C, T, ACC, BLOCK_T)
+    x0 = load_as(x_ptr + row0 + offs, tmask, ACC)
+    v = load_as(x_ptr + row1 + offs, tmask, ACC)
+    tl.store(out_ptr + row0 + offs, cast_for(x0 * m, out_ptr), mask=tmask)
+    h_row = (b * C + c) * (3 * K - 1) * T
+    _, _, _, _, inside, _, _, _, _, _, _, _, y, lad, _, _, _, _, _, _, _, _, _, _, _ = _spline_at(
+        v, h_ptr + h_row, offs, m, T, inverse, tail, div, min_w, min_h, min_d, ACC, K, KP)
 
     y = tl.where(inside, y, v)
     lad = tl.where(inverse != 0, -lad, lad)
     lad = tl.where(inside & tmask, lad * m, 0.0)
-    tl.store(out_ptr + row1 + offs, _cast_for(y * m, out_ptr), mask=tmask)
+    tl.store(out_ptr + row1 + offs, cast_for(y * m, out_ptr), mask=tmask)
     tl.store(part_ptr + (b * C + c) * n_tb + pid_t, tl.sum(lad, axis=0))
 
 
@@ -262,35 +260,19 @@ def _spline_bwd_kernel(
     gh_ptr,  # [B, C * (3K - 1), T] gradient of h (dtype of h)
     C, T,
     inverse, tail, div, min_w, min_h, min_d,
+    ACC: tl.constexpr,  # compute dtype: fp32 (fp64 for fp64 data)
     K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = offs < T
-    j = tl.arange(0, KP)[None, :]
+    pid_t, c, b, offs, tmask, m, row0, row1 = _row_block(mask_ptr, C, T, ACC, BLOCK_T)
     inv = inverse != 0
-    CDT = gld_ptr.dtype.element_ty  # fp32 (fp64 for fp64 inputs)
-
-    m = tl.load(mask_ptr + b * T + offs, mask=tmask, other=0.0).to(CDT)
-    row0 = (b * 2 * C + c) * T
-    row1 = (b * 2 * C + C + c) * T
-    g0 = tl.load(gout_ptr + row0 + offs, mask=tmask, other=0.0).to(CDT)
-    g1 = tl.load(gout_ptr + row1 + offs, mask=tmask, other=0.0).to(CDT)
-    v = tl.load(x_ptr + row1 + offs, mask=tmask, other=0.0).to(CDT)
+    g0 = load_as(gout_ptr + row0 + offs, tmask, ACC)
+    g1 = load_as(gout_ptr + row1 + offs, tmask, ACC)
+    v = load_as(x_ptr + row1 + offs, tmask, ACC)
     gl = tl.load(gld_ptr + b)
-    tl.store(gx_ptr + row0 + offs, _cast_for(g0 * m, gx_ptr), mask=tmask)
-
+    tl.store(gx_ptr + row0 + offs, cast_for(g0 * m, gx_ptr), mask=tmask)
     h_row = (b * C + c) * (3 * K - 1) * T
-    uw, uh, ud = _load_params(h_ptr + h_row, offs, m, T, div, CDT, K, KP)
-    pw, kw = _knots(uw, j, -tail, tail, min_w, CDT, K)
-    ph, kh = _knots(uh, j, -tail, tail, min_h, CDT, K)
-    dint = min_d + _softplus(ud)
-    inside = (v >= -tail) & (v <= tail)
-    vs = tl.minimum(tl.maximum(v, -tail), tail)
-    idx, xl, xr, yl, yr, dl, dr = _locate(vs, kw, kh, dint, j, inverse, -tail, K)
-    y, lad, t, u, bw, bh, s, curv, t1, den, num, q, dn = _rq(vs, inverse, xl, xr, yl, yr, dl, dr, CDT)
+    j, pw, ph, ud, inside, idx, xl, xr, yl, yr, dl, dr, y, lad, t, u, bw, bh, s, curv, t1, den, num, q, dn = _spline_at(
+        v, h_ptr + h_row, offs, m, T, inverse, tail, div, min_w, min_h, min_d, ACC, K, KP)
 
     gy = g1 * m  # upstream gradient of the mapped value
     gL = gl * m  # upstream gradient of the per-element log|det|
@@ -322,7 +304,7 @@ def _spline_bwd_kernel(
     g_v = tl.where(inv, r, f_gt / bw)
 
     g_v = tl.where(inside, g_v, gy)
-    tl.store(gx_ptr + row1 + offs, _cast_for(g_v, gx_ptr), mask=tmask)
+    tl.store(gx_ptr + row1 + offs, cast_for(g_v, gx_ptr), mask=tmask)
 
     # Knot gradients: the left knot is xl (interior when idx > 0), the right knot xl + bw (interior when
     # idx < K - 1); knot k = span * cumsum(frac)[k - 1] + lo with frac = min + (1 - K min) softmax(u).
@@ -347,77 +329,53 @@ def _spline_bwd_kernel(
     mm = m[:, None]
     gptr = gh_ptr + h_row + j * T + offs[:, None]
     tm2 = tmask[:, None]
-    tl.store(gptr, _cast_for(gu_w * mm / div, gh_ptr), mask=tm2 & (j < K))
-    tl.store(gptr + K * T, _cast_for(gu_h * mm / div, gh_ptr), mask=tm2 & (j < K))
-    tl.store(gptr + 2 * K * T, _cast_for(gud * mm, gh_ptr), mask=tm2 & (j < K - 1))
+    tl.store(gptr, cast_for(gu_w * mm / div, gh_ptr), mask=tm2 & (j < K))
+    tl.store(gptr + K * T, cast_for(gu_h * mm / div, gh_ptr), mask=tm2 & (j < K))
+    tl.store(gptr + 2 * K * T, cast_for(gud * mm, gh_ptr), mask=tm2 & (j < K - 1))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# compile-check contract: every configuration the launchers use. num_bins = 10 as in Piper (other values compile on
+# --------------------------------------------------------------------------------------------------------------
+# Compile-check contract: every configuration the launchers use. num_bins = 10 as in Piper (other values compile on
 # demand). (x, h) dtype pairs: same dtype, or fp32 flow state with a bf16/fp16 projection (autocast); the mask,
 # partial sums and grad_logdet are fp32 (fp64 with fp64 inputs, which tests use for gradcheck).
 
-_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-_PAIRS = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "bf16"), ("fp32", "fp16"),
-          ("fp64", "fp64")]
 _SCALARS = {"inverse": "i32", "tail": "fp32", "div": "fp32", "min_w": "fp32", "min_h": "fp32", "min_d": "fp32"}
 _CONST = {"K": 10, "KP": 16, "BLOCK_T": BLOCK_T}
 
 
 def _compile_configs():
     configs = []
-    for xt, ht in _PAIRS:
+    for xt, ht in FLOW_DTYPE_PAIRS:
         ct = "fp64" if xt == "fp64" else "fp32"
-        consts = {k: "constexpr" for k in _CONST}
+        const = dict(_CONST, ACC=tl.float64 if xt == "fp64" else tl.float32)
+        consts = {k: "constexpr" for k in const}
         sig = dict(x_ptr=f"*{xt}", h_ptr=f"*{ht}", mask_ptr=f"*{ct}", out_ptr=f"*{xt}", part_ptr=f"*{ct}",
                    C="i32", T="i32", n_tb="i32", **_SCALARS, **consts)
-        configs.append(dict(fn=_spline_fwd_kernel, signature=sig, constexprs=dict(_CONST), num_warps=NUM_WARPS,
+        configs.append(dict(fn=_spline_fwd_kernel, signature=sig, constexprs=dict(const), num_warps=NUM_WARPS,
                             name=f"spline fwd x={xt} h={ht}"))
         sig = dict(x_ptr=f"*{xt}", h_ptr=f"*{ht}", mask_ptr=f"*{ct}", gout_ptr=f"*{xt}", gld_ptr=f"*{ct}",
                    gx_ptr=f"*{xt}", gh_ptr=f"*{ht}", C="i32", T="i32", **_SCALARS, **consts)
-        configs.append(dict(fn=_spline_bwd_kernel, signature=sig, constexprs=dict(_CONST), num_warps=NUM_WARPS,
+        configs.append(dict(fn=_spline_bwd_kernel, signature=sig, constexprs=dict(const), num_warps=NUM_WARPS,
                             name=f"spline bwd x={xt} h={ht}"))
     return configs
 
 
 COMPILE_CONFIGS = _compile_configs()
-_SUPPORTED = {(dx, dh) for dx in _TL for dh in _TL if (_TL[dx], _TL[dh]) in _PAIRS}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# launchers
-
-
-_empty = empty  # module-level name, so tests can NaN-fill this file's outputs
-
-
-_launch = launch
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _check(x: torch.Tensor, h: torch.Tensor, x_mask: torch.Tensor, num_bins: int) -> Tuple[int, int, int]:
-    if x.dim() != 3 or x.size(1) % 2:
-        raise ValueError(f"x must be [B, 2C, T], got {tuple(x.shape)}")
-    B, C2, T = x.shape
-    C = C2 // 2
     if num_bins < 2:
         raise ValueError(f"num_bins must be >= 2, got {num_bins}")
-    if tuple(h.shape) != (B, C * (3 * num_bins - 1), T):
-        raise ValueError(f"h must be [B, C * (3 * num_bins - 1), T] = {(B, C * (3 * num_bins - 1), T)}, "
-                         f"got {tuple(h.shape)}")
-    if tuple(x_mask.shape) != (B, 1, T):
-        raise ValueError(f"x_mask must be [B, 1, T] = {(B, 1, T)}, got {tuple(x_mask.shape)}")
-    if (x.dtype, h.dtype) not in _SUPPORTED:
-        raise TypeError(f"unsupported dtypes x={x.dtype}, h={h.dtype}; supported (x, h): "
-                        f"{sorted((str(a), str(b)) for a, b in _SUPPORTED)}")
-    return B, C, T
+    return check_flow_args(x, h, x_mask, 3 * num_bins - 1, "h", " (h: [B, C * (3 * num_bins - 1), T])")
 
 
-def _launch_args(num_bins: int) -> dict:
-    return dict(K=num_bins, KP=triton.next_power_of_2(num_bins), BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
+def _launch_args(x: torch.Tensor, num_bins: int) -> dict:
+    return dict(ACC=acc_dtype(x), K=num_bins, KP=triton.next_power_of_2(num_bins), BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
 
 
 @torch.library.custom_op("vits_fast::rq_spline_coupling", mutates_args=())
@@ -434,25 +392,15 @@ def rq_spline_coupling(x: torch.Tensor, h: torch.Tensor, x_mask: torch.Tensor, i
     (the slope of the map applied: the negative forward log-slope when inverting; fp32, fp64 for fp64 inputs).
     """
     B, C, T = _check(x, h, x_mask, num_bins)
-    cdt = _compute_dtype(x)
-    x = x.contiguous()
-    h = h.contiguous()
-    mask = x_mask.to(cdt).contiguous()
-    out = _empty(x.shape, x.dtype, x.device)
+    x, h, mask, cdt = flow_inputs(x, h, x_mask)
+    out = _common.empty(x.shape, x.dtype, x.device)
     n_tb = triton.cdiv(T, BLOCK_T)
-    part = _empty((B, C, n_tb), cdt, x.device)
+    part = _common.empty((B, C, n_tb), cdt, x.device)
     if out.numel():
-        _launch(_spline_fwd_kernel, (n_tb, C, B), x,
-                x, h, mask, out, part, C, T, n_tb, int(inverse), float(tail_bound), float(size_divisor),
-                float(min_bin_width), float(min_bin_height), float(min_derivative), **_launch_args(num_bins))
+        launch(_spline_fwd_kernel, (n_tb, C, B), x, x, h, mask, out, part, C, T, n_tb, int(inverse),
+               float(tail_bound), float(size_divisor), float(min_bin_width), float(min_bin_height),
+               float(min_derivative), **_launch_args(x, num_bins))
     return out, part.sum(dim=(1, 2))
-
-
-@rq_spline_coupling.register_fake
-def _(x, h, x_mask, inverse, tail_bound, size_divisor, num_bins, min_bin_width, min_bin_height, min_derivative):
-    _check(x, h, x_mask, num_bins)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty(x.shape[0], dtype=_compute_dtype(x)))
 
 
 @torch.library.custom_op("vits_fast::rq_spline_coupling_backward", mutates_args=())
@@ -463,20 +411,24 @@ def rq_spline_coupling_backward(grad_out: torch.Tensor, grad_logdet: torch.Tenso
     """Gradients ``(grad_x [B, 2C, T], grad_h [B, C(3K-1), T])`` of :func:`rq_spline_coupling` given
     ``grad_out [B, 2C, T]`` and ``grad_logdet [B]``."""
     B, C, T = _check(x, h, x_mask, num_bins)
-    cdt = _compute_dtype(x)
-    x = x.contiguous()
-    h = h.contiguous()
-    mask = x_mask.to(cdt).contiguous()
-    grad_out = grad_out.to(x.dtype).contiguous()
-    grad_logdet = grad_logdet.to(cdt).contiguous()
-    grad_x = _empty(x.shape, x.dtype, x.device)
-    grad_h = _empty(h.shape, h.dtype, h.device)
+    x, h, mask, grad_out, grad_logdet, grad_x, grad_h = flow_grad_buffers(grad_out, grad_logdet, x, h, x_mask)
     if grad_x.numel():
-        _launch(_spline_bwd_kernel, (triton.cdiv(T, BLOCK_T), C, B), x,
-                x, h, mask, grad_out, grad_logdet, grad_x, grad_h, C, T, int(inverse), float(tail_bound),
-                float(size_divisor), float(min_bin_width), float(min_bin_height), float(min_derivative),
-                **_launch_args(num_bins))
+        launch(_spline_bwd_kernel, (triton.cdiv(T, BLOCK_T), C, B), x, x, h, mask, grad_out, grad_logdet, grad_x,
+               grad_h, C, T, int(inverse), float(tail_bound), float(size_divisor), float(min_bin_width),
+               float(min_bin_height), float(min_derivative), **_launch_args(x, num_bins))
     return grad_x, grad_h
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Custom-op registration: fake tensors (shapes and dtypes for torch.compile and opcheck) and autograd
+# --------------------------------------------------------------------------------------------------------------
+
+
+@rq_spline_coupling.register_fake
+def _(x, h, x_mask, inverse, tail_bound, size_divisor, num_bins, min_bin_width, min_bin_height, min_derivative):
+    _check(x, h, x_mask, num_bins)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[0], dtype=compute_dtype(x)))
 
 
 @rq_spline_coupling_backward.register_fake
@@ -487,26 +439,12 @@ def _(grad_out, grad_logdet, x, h, x_mask, inverse, tail_bound, size_divisor, nu
             torch.empty_like(h, memory_format=torch.contiguous_format))
 
 
-def _setup_context(ctx, inputs, output):
-    x, h, x_mask, *rest = inputs
-    ctx.save_for_backward(x, h, x_mask)
-    ctx.rest = rest
+register_flow_autograd(rq_spline_coupling, rq_spline_coupling_backward, "rq_spline_coupling")
 
 
-def _backward(ctx, grad_out, grad_logdet):
-    x, h, x_mask = ctx.saved_tensors
-    if ctx.needs_input_grad[2]:
-        raise ValueError("vits_fast::rq_spline_coupling: x_mask is a constant; it cannot require grad")
-    if grad_out is None:
-        grad_out = torch.zeros_like(x)
-    if grad_logdet is None:
-        grad_logdet = x.new_zeros(x.shape[0], dtype=_compute_dtype(x))
-    grad_x, grad_h = torch.ops.vits_fast.rq_spline_coupling_backward(grad_out, grad_logdet, x, h, x_mask,
-                                                                     *ctx.rest)
-    return (grad_x, grad_h) + (None,) * 8
-
-
-rq_spline_coupling.register_autograd(_backward, setup_context=_setup_context)
+# --------------------------------------------------------------------------------------------------------------
+# Module entry points
+# --------------------------------------------------------------------------------------------------------------
 
 
 def conv_flow_forward(flow, x: torch.Tensor, x_mask: torch.Tensor, g: Optional[torch.Tensor] = None,
@@ -525,7 +463,7 @@ def conv_flow_forward(flow, x: torch.Tensor, x_mask: torch.Tensor, g: Optional[t
     # Output dtype as the reference's type promotion gives it (x1' keeps x's dtype, the mask may widen it).
     out_dtype = torch.promote_types(x.dtype, x_mask.dtype)
     xk = x.to(out_dtype)
-    if (xk.dtype, h.dtype) not in _SUPPORTED:
+    if (xk.dtype, h.dtype) not in FLOW_SUPPORTED:
         common = torch.promote_types(xk.dtype, h.dtype)
         xk, h = xk.to(common), h.to(common)
     out, logdet = torch.ops.vits_fast.rq_spline_coupling(

@@ -68,45 +68,22 @@ gradient from PyTorch ops in the backward (never the case in VITS, where masks c
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty, launch
-
+from . import _common
+from ._common import (acc_dtype, cast_for, config_collector, flat_block, flat_block_mask, flat_grid, launch, load_as,
+                      mask_arg, promote, sum_to)
 BLOCK = 1024  # elements per program of the flattened kernels (4 warps: 8 per thread)
 COND_BLOCK_C, COND_BLOCK_T = 4, 128  # tile of the conditioned gate backward (4 warps: 4 per thread)
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 # Triton kernels. Tensors are addressed per batch item as a flat [H*T] (or [2H*T]) block, which is
 # contiguous inside every batch item; the batch index is program axis 1.
-# ----------------------------------------------------------------------------------------------------------
-
-
-# The Triton interpreter (TRITON_INTERPRET=1, how CPU tests run the kernels) converts fp32 -> bf16 by
-# truncation, GPUs round to nearest even. Under the interpreter the stores round explicitly first, so the
-# tests see GPU numerics; compiled kernels never contain this code (the flag is False there).
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-
-
-@triton.jit
-def _rne_bf16(v):
-    """fp32 ``v`` rounded to the nearest bf16 value (ties to even), still as fp32 (interpreter only)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _out(v, ptr):
-    """``v`` converted for a store through ``ptr`` (round to nearest even)."""
-    if _INTERPRETED:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            v = _rne_bf16(v.to(tl.float32))
-    return v.to(ptr.dtype.element_ty)
+# --------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -125,27 +102,23 @@ def _sigmoid(z):
 @triton.jit
 def _gate_fwd_kernel(
     xin_ptr,  # [B, 2H, T] in_layer output, contiguous
-    g_ptr,  # [B, 2H, 1] this layer's conditioning (strides g_sb, g_sc); unused unless HAS_G
+    g_ptr,  # [B, 2H, 1] this layer's conditioning (strides stride_g_batch, stride_g_chan); unused unless HAS_G
     acts_ptr,  # [B, H, T] output, contiguous
-    H, T, g_sb, g_sc,
-    HAS_G: tl.constexpr,
-    ACC: tl.constexpr,  # accumulation dtype: fp32 (fp64 for fp64 data)
-    BLOCK: tl.constexpr,
+    H, T, stride_g_batch, stride_g_chan,
+    HAS_G: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index into [H, T] of batch item bi
     ht = H * T
-    inb = j < ht
+    bi, j, inb = flat_block(ht, BLOCK)  # batch item bi, flat offsets j into its [H, T]
     pa = xin_ptr + bi * 2 * ht + j
-    za = tl.load(pa, mask=inb, other=0.0).to(ACC)
-    zb = tl.load(pa + ht, mask=inb, other=0.0).to(ACC)
+    za = load_as(pa, inb, ACC)
+    zb = load_as(pa + ht, inb, ACC)
     if HAS_G:
         c = j // T
-        pg = g_ptr + bi * g_sb + c * g_sc
-        za += tl.load(pg, mask=inb, other=0.0).to(ACC)
-        zb += tl.load(pg + H * g_sc, mask=inb, other=0.0).to(ACC)
+        pg = g_ptr + bi * stride_g_batch + c * stride_g_chan
+        za += load_as(pg, inb, ACC)
+        zb += load_as(pg + H * stride_g_chan, inb, ACC)
     acts = _tanh(za) * _sigmoid(zb)
-    tl.store(acts_ptr + bi * ht + j, _out(acts, acts_ptr), mask=inb)
+    tl.store(acts_ptr + bi * ht + j, cast_for(acts, acts_ptr), mask=inb)
 
 
 @triton.jit
@@ -154,44 +127,39 @@ def _gate_bwd_kernel(
     xin_ptr,  # [B, 2H, T] in_layer output (saved), contiguous
     dxin_ptr,  # [B, 2H, T] output: gradient of x_in, contiguous
     H, T,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ht = H * T
-    inb = j < ht
+    bi, j, inb = flat_block(ht, BLOCK)  # batch item bi, flat offsets j into its [H, T]
     pa = xin_ptr + bi * 2 * ht + j
-    th = _tanh(tl.load(pa, mask=inb, other=0.0).to(ACC))
-    sg = _sigmoid(tl.load(pa + ht, mask=inb, other=0.0).to(ACC))
-    d = tl.load(dacts_ptr + bi * ht + j, mask=inb, other=0.0).to(ACC)
+    th = _tanh(load_as(pa, inb, ACC))
+    sg = _sigmoid(load_as(pa + ht, inb, ACC))
+    d = load_as(dacts_ptr + bi * ht + j, inb, ACC)
     da = d * sg * (1.0 - th * th)
     db = d * th * sg * (1.0 - sg)
     po = dxin_ptr + bi * 2 * ht + j
-    tl.store(po, _out(da, dxin_ptr), mask=inb)
-    tl.store(po + ht, _out(db, dxin_ptr), mask=inb)
+    tl.store(po, cast_for(da, dxin_ptr), mask=inb)
+    tl.store(po + ht, cast_for(db, dxin_ptr), mask=inb)
 
 
 @triton.jit
 def _gate_cond_bwd_kernel(
     dacts_ptr,  # [B, H, T] gradient of acts, contiguous
     xin_ptr,  # [B, 2H, T] in_layer output (saved), contiguous
-    g_ptr,  # [B, 2H, 1] this layer's conditioning (strides g_sb, g_sc)
+    g_ptr,  # [B, 2H, 1] this layer's conditioning (strides stride_g_batch, stride_g_chan)
     dxin_ptr,  # [B, 2H, T] output: gradient of x_in, contiguous
     dg_ptr,  # [B, 2H, 1] output: gradient of g (sum over time), contiguous
-    H, T, g_sb, g_sc,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    H, T, stride_g_batch, stride_g_chan,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program per (batch item, BLOCK_C gate channels); it walks the whole time axis, so the time-sum
     # for dg stays on chip (deterministic, no atomics).
     bi = tl.program_id(1).to(tl.int64)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] gate channels (< H)
     c_ok = c < H
-    pg = g_ptr + bi * g_sb + c * g_sc
-    ga = tl.load(pg, mask=c_ok, other=0.0).to(ACC)[:, None]
-    gb = tl.load(pg + H * g_sc, mask=c_ok, other=0.0).to(ACC)[:, None]
+    pg = g_ptr + bi * stride_g_batch + c * stride_g_chan
+    ga = load_as(pg, c_ok, ACC)[:, None]
+    gb = load_as(pg + H * stride_g_chan, c_ok, ACC)[:, None]
     row_a = bi * 2 * H * T + c[:, None] * T  # [BLOCK_C, 1] row starts in x_in / dx_in (b half: + H*T)
     row_d = bi * H * T + c[:, None] * T
     sum_a = tl.zeros([BLOCK_C, BLOCK_T], dtype=ACC)
@@ -199,18 +167,18 @@ def _gate_cond_bwd_kernel(
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)[None, :]
         inb = c_ok[:, None] & (t < T)
-        th = _tanh(tl.load(xin_ptr + row_a + t, mask=inb, other=0.0).to(ACC) + ga)
-        sg = _sigmoid(tl.load(xin_ptr + row_a + H * T + t, mask=inb, other=0.0).to(ACC) + gb)
-        d = tl.load(dacts_ptr + row_d + t, mask=inb, other=0.0).to(ACC)
+        th = _tanh(load_as(xin_ptr + row_a + t, inb, ACC) + ga)
+        sg = _sigmoid(load_as(xin_ptr + row_a + H * T + t, inb, ACC) + gb)
+        d = load_as(dacts_ptr + row_d + t, inb, ACC)
         da = d * sg * (1.0 - th * th)
         db = d * th * sg * (1.0 - sg)
-        tl.store(dxin_ptr + row_a + t, _out(da, dxin_ptr), mask=inb)
-        tl.store(dxin_ptr + row_a + H * T + t, _out(db, dxin_ptr), mask=inb)
+        tl.store(dxin_ptr + row_a + t, cast_for(da, dxin_ptr), mask=inb)
+        tl.store(dxin_ptr + row_a + H * T + t, cast_for(db, dxin_ptr), mask=inb)
         sum_a += tl.where(inb, da, 0.0)
         sum_b += tl.where(inb, db, 0.0)
     pdg = dg_ptr + bi * 2 * H + c
-    tl.store(pdg, _out(tl.sum(sum_a, axis=1), dg_ptr), mask=c_ok)
-    tl.store(pdg + H, _out(tl.sum(sum_b, axis=1), dg_ptr), mask=c_ok)
+    tl.store(pdg, cast_for(tl.sum(sum_a, axis=1), dg_ptr), mask=c_ok)
+    tl.store(pdg + H, cast_for(tl.sum(sum_b, axis=1), dg_ptr), mask=c_ok)
 
 
 @triton.jit
@@ -218,122 +186,100 @@ def _res_skip_fwd_kernel(
     x_ptr,  # [B, H, T] residual stream, contiguous
     rs_ptr,  # [B, 2H, T] res_skip conv output (res = rows :H, skip = rows H:), contiguous
     skip_ptr,  # [B, H, T] running skip sum, contiguous; unused unless HAS_SKIP
-    mask_ptr,  # [B, 1, T] sequence mask (batch stride m_sb, may be 0), time-contiguous
+    mask_ptr,  # [B, 1, T] sequence mask (batch stride stride_mask_batch, may be 0), time-contiguous
     xo_ptr,  # [B, H, T] output: (x + res) * mask
     so_ptr,  # [B, H, T] output: skip + rs[:, H:] (or rs[:, H:] on the first layer)
-    H, T, m_sb,
-    HAS_SKIP: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    H, T, stride_mask_batch,
+    HAS_SKIP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ht = H * T
-    inb = j < ht
-    m = tl.load(mask_ptr + bi * m_sb + j % T, mask=inb, other=0.0).to(ACC)
-    x = tl.load(x_ptr + bi * ht + j, mask=inb, other=0.0).to(ACC)
+    bi, j, inb, m = flat_block_mask(mask_ptr, stride_mask_batch, ht, T, ACC, BLOCK)
+    x = load_as(x_ptr + bi * ht + j, inb, ACC)
     prs = rs_ptr + bi * 2 * ht + j
-    res = tl.load(prs, mask=inb, other=0.0).to(ACC)
-    skp = tl.load(prs + ht, mask=inb, other=0.0).to(ACC)
+    res = load_as(prs, inb, ACC)
+    skp = load_as(prs + ht, inb, ACC)
     if HAS_SKIP:
-        skp += tl.load(skip_ptr + bi * ht + j, mask=inb, other=0.0).to(ACC)
-    tl.store(xo_ptr + bi * ht + j, _out((x + res) * m, xo_ptr), mask=inb)
-    tl.store(so_ptr + bi * ht + j, _out(skp, so_ptr), mask=inb)
+        skp += load_as(skip_ptr + bi * ht + j, inb, ACC)
+    tl.store(xo_ptr + bi * ht + j, cast_for((x + res) * m, xo_ptr), mask=inb)
+    tl.store(so_ptr + bi * ht + j, cast_for(skp, so_ptr), mask=inb)
 
 
 @triton.jit
 def _res_skip_bwd_kernel(
     dxo_ptr,  # [B, H, T] gradient of the new residual stream, contiguous
     dso_ptr,  # [B, H, T] gradient of the new skip sum, contiguous
-    mask_ptr,  # [B, 1, T] sequence mask (batch stride m_sb), time-contiguous
+    mask_ptr,  # [B, 1, T] sequence mask (batch stride stride_mask_batch), time-contiguous
     dx_ptr,  # [B, H, T] output: gradient of x (= dxo * mask)
     drs_ptr,  # [B, 2H, T] output: gradient of rs (rows :H = dxo * mask, rows H: = dso)
-    H, T, m_sb,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    H, T, stride_mask_batch,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ht = H * T
-    inb = j < ht
-    m = tl.load(mask_ptr + bi * m_sb + j % T, mask=inb, other=0.0).to(ACC)
-    dres = tl.load(dxo_ptr + bi * ht + j, mask=inb, other=0.0).to(ACC) * m
+    bi, j, inb, m = flat_block_mask(mask_ptr, stride_mask_batch, ht, T, ACC, BLOCK)
+    dres = load_as(dxo_ptr + bi * ht + j, inb, ACC) * m
     dskp = tl.load(dso_ptr + bi * ht + j, mask=inb, other=0.0)
-    tl.store(dx_ptr + bi * ht + j, _out(dres, dx_ptr), mask=inb)
+    tl.store(dx_ptr + bi * ht + j, cast_for(dres, dx_ptr), mask=inb)
     pd = drs_ptr + bi * 2 * ht + j
-    tl.store(pd, _out(dres, drs_ptr), mask=inb)
-    tl.store(pd + ht, _out(dskp, drs_ptr), mask=inb)
+    tl.store(pd, cast_for(dres, drs_ptr), mask=inb)
+    tl.store(pd + ht, cast_for(dskp, drs_ptr), mask=inb)
 
 
 @triton.jit
 def _out_fwd_kernel(
     rs_ptr,  # [B, H, T] last res_skip conv output, contiguous
     skip_ptr,  # [B, H, T] running skip sum, contiguous; unused unless HAS_SKIP
-    mask_ptr,  # [B, 1, T] sequence mask (batch stride m_sb), time-contiguous
+    mask_ptr,  # [B, 1, T] sequence mask (batch stride stride_mask_batch), time-contiguous
     out_ptr,  # [B, H, T] output: (skip + rs) * mask
-    H, T, m_sb,
-    HAS_SKIP: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    H, T, stride_mask_batch,
+    HAS_SKIP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ht = H * T
-    inb = j < ht
-    m = tl.load(mask_ptr + bi * m_sb + j % T, mask=inb, other=0.0).to(ACC)
-    v = tl.load(rs_ptr + bi * ht + j, mask=inb, other=0.0).to(ACC)
+    bi, j, inb, m = flat_block_mask(mask_ptr, stride_mask_batch, ht, T, ACC, BLOCK)
+    v = load_as(rs_ptr + bi * ht + j, inb, ACC)
     if HAS_SKIP:
-        v += tl.load(skip_ptr + bi * ht + j, mask=inb, other=0.0).to(ACC)
-    tl.store(out_ptr + bi * ht + j, _out(v * m, out_ptr), mask=inb)
+        v += load_as(skip_ptr + bi * ht + j, inb, ACC)
+    tl.store(out_ptr + bi * ht + j, cast_for(v * m, out_ptr), mask=inb)
 
 
 @triton.jit
-def _mask_mul_kernel(
+def _out_bwd_kernel(
     d_ptr,  # [B, H, T] gradient of the WN output, contiguous
-    mask_ptr,  # [B, 1, T] sequence mask (batch stride m_sb), time-contiguous
+    mask_ptr,  # [B, 1, T] sequence mask (batch stride stride_mask_batch), time-contiguous
     o_ptr,  # [B, H, T] output: d * mask (gradient of both rs and skip)
-    H, T, m_sb,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    H, T, stride_mask_batch,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bi = tl.program_id(1).to(tl.int64)
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ht = H * T
-    inb = j < ht
-    m = tl.load(mask_ptr + bi * m_sb + j % T, mask=inb, other=0.0).to(ACC)
-    d = tl.load(d_ptr + bi * ht + j, mask=inb, other=0.0).to(ACC)
-    tl.store(o_ptr + bi * ht + j, _out(d * m, o_ptr), mask=inb)
+    bi, j, inb, m = flat_block_mask(mask_ptr, stride_mask_batch, ht, T, ACC, BLOCK)
+    d = load_as(d_ptr + bi * ht + j, inb, ACC)
+    tl.store(o_ptr + bi * ht + j, cast_for(d * m, o_ptr), mask=inb)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 # Launch configurations (read by tests/test_kernel_compile.py): every (kernel, dtypes, constexprs) the
 # launchers below use. Same-dtype runs for fp32/bf16/fp16/fp64, plus the autocast mix where x, the skip
 # sum and the mask are fp32 while conv outputs are bf16/fp16.
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 
 def _compile_configs():
-    cfgs = []
-
-    def add(fn, sig, consts, name):
-        sig = dict(sig, **{k: "constexpr" for k in consts})
-        cfgs.append(dict(fn=fn, signature=sig, constexprs=consts, name=name, num_warps=4))
-
+    cfgs, add = config_collector()
     ints = {"H": "i32", "T": "i32"}
     for dt in ("fp32", "bf16", "fp16", "fp64"):
         p, acc = f"*{dt}", tl.float64 if dt == "fp64" else tl.float32
         for has_g in (False, True):
-            add(_gate_fwd_kernel, dict(xin_ptr=p, g_ptr=p, acts_ptr=p, **ints, g_sb="i32", g_sc="i32"),
+            add(_gate_fwd_kernel, dict(xin_ptr=p, g_ptr=p, acts_ptr=p, **ints, stride_g_batch="i32",
+                                       stride_g_chan="i32"),
                 {"HAS_G": has_g, "ACC": acc, "BLOCK": BLOCK}, f"wn gate fwd {dt} cond={has_g}")
         add(_gate_bwd_kernel, dict(dacts_ptr=p, xin_ptr=p, dxin_ptr=p, **ints), {"ACC": acc, "BLOCK": BLOCK},
             f"wn gate bwd {dt}")
         add(_gate_cond_bwd_kernel, dict(dacts_ptr=p, xin_ptr=p, g_ptr=p, dxin_ptr=p, dg_ptr=p, **ints,
-                                        g_sb="i32", g_sc="i32"),
+                                        stride_g_batch="i32", stride_g_chan="i32"),
             {"ACC": acc, "BLOCK_C": COND_BLOCK_C, "BLOCK_T": COND_BLOCK_T}, f"wn gate cond bwd {dt}")
     # (stream dtype: x, skip, mask, grads of the stream; conv dtype: rs and its grad)
     for sdt, cdt in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp64", "fp64"), ("fp32", "bf16"),
                      ("fp32", "fp16")):
         s, c, acc = f"*{sdt}", f"*{cdt}", tl.float64 if sdt == "fp64" else tl.float32
-        ints_m = dict(ints, m_sb="i32")
+        ints_m = dict(ints, stride_mask_batch="i32")
         for has_skip in (False, True):
             add(_res_skip_fwd_kernel, dict(x_ptr=s, rs_ptr=c, skip_ptr=s, mask_ptr=s, xo_ptr=s, so_ptr=s,
                                            **ints_m),
@@ -344,56 +290,16 @@ def _compile_configs():
         add(_res_skip_bwd_kernel, dict(dxo_ptr=s, dso_ptr=s, mask_ptr=s, dx_ptr=s, drs_ptr=c, **ints_m),
             {"ACC": acc, "BLOCK": BLOCK}, f"wn res/skip bwd {sdt}/{cdt}")
         if sdt == cdt:  # the gradient is made in the stream dtype, then cast for rs
-            add(_mask_mul_kernel, dict(d_ptr=s, mask_ptr=s, o_ptr=s, **ints_m), {"ACC": acc, "BLOCK": BLOCK},
+            add(_out_bwd_kernel, dict(d_ptr=s, mask_ptr=s, o_ptr=s, **ints_m), {"ACC": acc, "BLOCK": BLOCK},
                 f"wn out bwd {sdt}")
     return cfgs
 
 
 COMPILE_CONFIGS = _compile_configs()
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 # Launchers
-# ----------------------------------------------------------------------------------------------------------
-
-
-_empty = empty  # module-level name, so tests can NaN-fill this file's outputs
-
-
-def _check_device(t: torch.Tensor) -> None:
-    if t.is_cuda:
-        return
-    from vits_fast.backend import interpreter_enabled
-
-    if not interpreter_enabled():
-        raise RuntimeError(f"vits_fast Triton kernels need CUDA tensors (got {t.device}); on CPU they run only "
-                           "under TRITON_INTERPRET=1")
-
-
-_launch = launch
-
-
-def _flat_grid(b: int, h: int, t: int):
-    return (triton.cdiv(h * t, BLOCK), b)
-
-
-def _mask_arg(mask: torch.Tensor, b: int, t: int) -> Tuple[torch.Tensor, int]:
-    """The mask as a [b, 1, t] view with unit time stride, and its batch stride (0 when broadcast)."""
-    m = mask.expand(b, 1, t)
-    if t > 1 and m.stride(2) != 1:
-        m = m.contiguous()
-    return m, m.stride(0)
-
-
-def _acc_dtype(*tensors: Optional[torch.Tensor]):
-    """Accumulation dtype for a kernel reading ``tensors``: fp64 if any is fp64, else fp32."""
-    return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
-
-
-def _promote(*dtypes: torch.dtype) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
-    return out
+# --------------------------------------------------------------------------------------------------------------
 
 
 # ---- gate -------------------------------------------------------------------------------------------------
@@ -405,46 +311,122 @@ def wn_gate(x_in: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
 
     x_in: [b, 2h, t]; g: [b, 2h, 1] (broadcast over time) or None. Returns acts [b, h, t].
     """
-    _check_device(x_in)
     b, h2, t = x_in.shape
     h = h2 // 2
     x_in = x_in.contiguous()
-    acts = _empty((b, h, t), _promote(x_in.dtype, g.dtype) if g is not None else x_in.dtype, x_in.device)
+    acts = _common.empty((b, h, t), promote(x_in.dtype, g.dtype) if g is not None else x_in.dtype, x_in.device)
     if acts.numel():
         gp = g if g is not None else x_in
         g_sb, g_sc = (g.stride(0), g.stride(1)) if g is not None else (0, 0)
-        _launch(_gate_fwd_kernel, _flat_grid(b, h, t), x_in, x_in, gp, acts, h, t, g_sb, g_sc,
-                HAS_G=g is not None, ACC=_acc_dtype(x_in, g), BLOCK=BLOCK)
+        launch(_gate_fwd_kernel, flat_grid(h * t, b, BLOCK), x_in, x_in, gp, acts, h, t, g_sb, g_sc,
+               HAS_G=g is not None, ACC=acc_dtype(x_in, g), BLOCK=BLOCK)
     return acts
-
-
-@wn_gate.register_fake
-def _(x_in, g):
-    b, h2, t = x_in.shape
-    return x_in.new_empty((b, h2 // 2, t), dtype=_promote(x_in.dtype, g.dtype) if g is not None else x_in.dtype)
 
 
 @torch.library.custom_op("vits_fast::wn_gate_bwd", mutates_args=())
 def wn_gate_bwd(dacts: torch.Tensor, x_in: torch.Tensor,
                 g: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of :func:`wn_gate`: returns (dx_in [b, 2h, t], dg [b, 2h, 1]); dg is [b, 2h, 0] when g is None."""
-    _check_device(x_in)
     b, h2, t = x_in.shape
     h = h2 // 2
     x_in, dacts = x_in.contiguous(), dacts.contiguous()
-    dx = _empty((b, h2, t), x_in.dtype, x_in.device)
+    dx = _common.empty((b, h2, t), x_in.dtype, x_in.device)
     if g is None:
-        dg = _empty((b, h2, 0), x_in.dtype, x_in.device)
+        dg = _common.empty((b, h2, 0), x_in.dtype, x_in.device)
         if dx.numel():
-            _launch(_gate_bwd_kernel, _flat_grid(b, h, t), x_in, dacts, x_in, dx, h, t, ACC=_acc_dtype(x_in, dacts),
-                    BLOCK=BLOCK)
+            launch(_gate_bwd_kernel, flat_grid(h * t, b, BLOCK), x_in, dacts, x_in, dx, h, t,
+                   ACC=acc_dtype(x_in, dacts), BLOCK=BLOCK)
     else:
-        dg = _empty((b, h2, 1), g.dtype, g.device)
+        dg = _common.empty((b, h2, 1), g.dtype, g.device)
         if b * h:
-            _launch(_gate_cond_bwd_kernel, (triton.cdiv(h, COND_BLOCK_C), b), x_in, dacts, x_in, g, dx, dg, h, t,
-                    g.stride(0), g.stride(1), ACC=_acc_dtype(x_in, dacts, g), BLOCK_C=COND_BLOCK_C,
-                    BLOCK_T=COND_BLOCK_T)
+            launch(_gate_cond_bwd_kernel, (triton.cdiv(h, COND_BLOCK_C), b), x_in, dacts, x_in, g, dx, dg, h, t,
+                   g.stride(0), g.stride(1), ACC=acc_dtype(x_in, dacts, g), BLOCK_C=COND_BLOCK_C,
+                   BLOCK_T=COND_BLOCK_T)
     return dx, dg
+
+
+# ---- residual / skip epilogue -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vits_fast::wn_res_skip", mutates_args=())
+def wn_res_skip(x: torch.Tensor, rs: torch.Tensor, skip: Optional[torch.Tensor],
+                mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One middle WN layer's epilogue.
+
+    x: [b, h, t]; rs: [b, 2h, t]; skip: [b, h, t] or None (first layer); mask: [b, 1, t].
+    Returns ``((x + rs[:, :h]) * mask, skip + rs[:, h:])`` (the skip sum starts at ``rs[:, h:]`` when
+    ``skip`` is None), dtypes as PyTorch promotes them (a missing skip counts as ``x``'s dtype).
+    """
+    b, h, t = x.shape
+    x, rs = x.contiguous(), rs.contiguous()
+    skip = skip.contiguous() if skip is not None else None
+    m, m_sb = mask_arg(mask, b, t)
+    xo = _common.empty((b, h, t), promote(x.dtype, rs.dtype, mask.dtype), x.device)
+    so = _common.empty((b, h, t), promote(skip.dtype if skip is not None else x.dtype, rs.dtype), x.device)
+    if xo.numel():
+        launch(_res_skip_fwd_kernel, flat_grid(h * t, b, BLOCK), x, x, rs, skip if skip is not None else x, m, xo, so,
+               h, t, m_sb, HAS_SKIP=skip is not None, ACC=acc_dtype(x, rs, skip, m), BLOCK=BLOCK)
+    return xo, so
+
+
+@torch.library.custom_op("vits_fast::wn_res_skip_bwd", mutates_args=())
+def wn_res_skip_bwd(dxo: torch.Tensor, dso: torch.Tensor, mask: torch.Tensor, x_dtype: torch.dtype,
+                    rs_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`wn_res_skip`: returns (dx = dxo * mask [b, h, t], drs = [dxo * mask, dso] [b, 2h, t])."""
+    b, h, t = dxo.shape
+    dxo, dso = dxo.contiguous(), dso.contiguous()
+    m, m_sb = mask_arg(mask, b, t)
+    dx = _common.empty((b, h, t), x_dtype, dxo.device)
+    drs = _common.empty((b, 2 * h, t), rs_dtype, dxo.device)
+    if dx.numel():
+        launch(_res_skip_bwd_kernel, flat_grid(h * t, b, BLOCK), dxo, dxo, dso, m, dx, drs, h, t, m_sb,
+               ACC=acc_dtype(dxo, dso, m), BLOCK=BLOCK)
+    return dx, drs
+
+
+# ---- last layer -----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vits_fast::wn_out", mutates_args=())
+def wn_out(rs: torch.Tensor, skip: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The WN output: ``(skip + rs) * mask`` (``rs * mask`` when skip is None).
+
+    rs: [b, h, t]; skip: [b, h, t] or None; mask: [b, 1, t]. Returns [b, h, t].
+    """
+    b, h, t = rs.shape
+    rs = rs.contiguous()
+    skip = skip.contiguous() if skip is not None else None
+    m, m_sb = mask_arg(mask, b, t)
+    dt = promote(rs.dtype, mask.dtype, *((skip.dtype,) if skip is not None else ()))
+    out = _common.empty((b, h, t), dt, rs.device)
+    if out.numel():
+        launch(_out_fwd_kernel, flat_grid(h * t, b, BLOCK), rs, rs, skip if skip is not None else rs, m, out, h, t,
+               m_sb, HAS_SKIP=skip is not None, ACC=acc_dtype(rs, skip, m), BLOCK=BLOCK)
+    return out
+
+
+@torch.library.custom_op("vits_fast::wn_out_bwd", mutates_args=())
+def wn_out_bwd(dout: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`wn_out` for rs and skip alike: ``dout * mask`` ([b, h, t], dout's dtype)."""
+    b, h, t = dout.shape
+    dout = dout.contiguous()
+    m, m_sb = mask_arg(mask, b, t)
+    o = _common.empty((b, h, t), dout.dtype, dout.device)
+    if o.numel():
+        launch(_out_bwd_kernel, flat_grid(h * t, b, BLOCK), dout, dout, m, o, h, t, m_sb, ACC=acc_dtype(dout, m),
+               BLOCK=BLOCK)
+    return o
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Custom-op registration: fake tensors (shapes and dtypes for torch.compile and opcheck) and autograd
+# --------------------------------------------------------------------------------------------------------------
+
+
+@wn_gate.register_fake
+def _(x_in, g):
+    b, h2, t = x_in.shape
+    return x_in.new_empty((b, h2 // 2, t), dtype=promote(x_in.dtype, g.dtype) if g is not None else x_in.dtype)
 
 
 @wn_gate_bwd.register_fake
@@ -460,73 +442,26 @@ def _gate_setup(ctx, inputs, output):
     ctx.save_for_backward(x_in, g)
 
 
-def _gate_backward(ctx, dacts):
+def _gate_grads(ctx, dacts):
     x_in, g = ctx.saved_tensors
     dx, dg = wn_gate_bwd(dacts, x_in, g)
     return dx, (dg if ctx.has_g else None)
 
 
-wn_gate.register_autograd(_gate_backward, setup_context=_gate_setup)
-
-
-# ---- residual / skip epilogue -------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("vits_fast::wn_res_skip", mutates_args=())
-def wn_res_skip(x: torch.Tensor, rs: torch.Tensor, skip: Optional[torch.Tensor],
-                mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One middle WN layer's epilogue.
-
-    x: [b, h, t]; rs: [b, 2h, t]; skip: [b, h, t] or None (first layer); mask: [b, 1, t].
-    Returns ``((x + rs[:, :h]) * mask, skip + rs[:, h:])`` (the skip sum starts at ``rs[:, h:]`` when
-    ``skip`` is None), dtypes as PyTorch promotes them (a missing skip counts as ``x``'s dtype).
-    """
-    _check_device(x)
-    b, h, t = x.shape
-    x, rs = x.contiguous(), rs.contiguous()
-    skip = skip.contiguous() if skip is not None else None
-    m, m_sb = _mask_arg(mask, b, t)
-    xo = _empty((b, h, t), _promote(x.dtype, rs.dtype, mask.dtype), x.device)
-    so = _empty((b, h, t), _promote(skip.dtype if skip is not None else x.dtype, rs.dtype), x.device)
-    if xo.numel():
-        _launch(_res_skip_fwd_kernel, _flat_grid(b, h, t), x, x, rs, skip if skip is not None else x, m, xo, so,
-                h, t, m_sb, HAS_SKIP=skip is not None, ACC=_acc_dtype(x, rs, skip, m), BLOCK=BLOCK)
-    return xo, so
+wn_gate.register_autograd(_gate_grads, setup_context=_gate_setup)
 
 
 @wn_res_skip.register_fake
 def _(x, rs, skip, mask):
-    xo = x.new_empty(x.shape, dtype=_promote(x.dtype, rs.dtype, mask.dtype))
-    so = x.new_empty(x.shape, dtype=_promote(skip.dtype if skip is not None else x.dtype, rs.dtype))
+    xo = x.new_empty(x.shape, dtype=promote(x.dtype, rs.dtype, mask.dtype))
+    so = x.new_empty(x.shape, dtype=promote(skip.dtype if skip is not None else x.dtype, rs.dtype))
     return xo, so
-
-
-@torch.library.custom_op("vits_fast::wn_res_skip_bwd", mutates_args=())
-def wn_res_skip_bwd(dxo: torch.Tensor, dso: torch.Tensor, mask: torch.Tensor, x_dtype: torch.dtype,
-                    rs_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`wn_res_skip`: returns (dx = dxo * mask [b, h, t], drs = [dxo * mask, dso] [b, 2h, t])."""
-    _check_device(dxo)
-    b, h, t = dxo.shape
-    dxo, dso = dxo.contiguous(), dso.contiguous()
-    m, m_sb = _mask_arg(mask, b, t)
-    dx = _empty((b, h, t), x_dtype, dxo.device)
-    drs = _empty((b, 2 * h, t), rs_dtype, dxo.device)
-    if dx.numel():
-        _launch(_res_skip_bwd_kernel, _flat_grid(b, h, t), dxo, dxo, dso, m, dx, drs, h, t, m_sb,
-                ACC=_acc_dtype(dxo, dso, m), BLOCK=BLOCK)
-    return dx, drs
 
 
 @wn_res_skip_bwd.register_fake
 def _(dxo, dso, mask, x_dtype, rs_dtype):
     b, h, t = dxo.shape
     return dxo.new_empty((b, h, t), dtype=x_dtype), dxo.new_empty((b, 2 * h, t), dtype=rs_dtype)
-
-
-def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
-    """Sum ``t`` over the dimensions that were broadcast from ``shape``."""
-    dims = [i for i, (n, s) in enumerate(zip(t.shape, shape)) if s == 1 and n != 1]
-    return t.sum(dim=dims, keepdim=True) if dims else t
 
 
 def _res_skip_setup(ctx, inputs, output):
@@ -537,7 +472,7 @@ def _res_skip_setup(ctx, inputs, output):
     ctx.save_for_backward(mask, *((x, rs) if ctx.mask_grad else ()))
 
 
-def _res_skip_backward(ctx, dxo, dso):
+def _res_skip_grads(ctx, dxo, dso):
     mask = ctx.saved_tensors[0]
     x_dt, rs_dt, skip_dt, mask_dt = ctx.dtypes
     dx, drs = wn_res_skip_bwd(dxo, dso, mask, x_dt, rs_dt)
@@ -546,53 +481,17 @@ def _res_skip_backward(ctx, dxo, dso):
     if ctx.mask_grad:
         x, rs = ctx.saved_tensors[1:]
         h = x.shape[1]
-        dmask = _sum_to(dxo * (x + rs[:, :h]), mask.shape).to(mask_dt)
+        dmask = sum_to(dxo * (x + rs[:, :h]), mask.shape).to(mask_dt)
     return dx, drs, dskip, dmask
 
 
-wn_res_skip.register_autograd(_res_skip_backward, setup_context=_res_skip_setup)
-
-
-# ---- last layer -----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("vits_fast::wn_out", mutates_args=())
-def wn_out(rs: torch.Tensor, skip: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """The WN output: ``(skip + rs) * mask`` (``rs * mask`` when skip is None).
-
-    rs: [b, h, t]; skip: [b, h, t] or None; mask: [b, 1, t]. Returns [b, h, t].
-    """
-    _check_device(rs)
-    b, h, t = rs.shape
-    rs = rs.contiguous()
-    skip = skip.contiguous() if skip is not None else None
-    m, m_sb = _mask_arg(mask, b, t)
-    dt = _promote(rs.dtype, mask.dtype, *((skip.dtype,) if skip is not None else ()))
-    out = _empty((b, h, t), dt, rs.device)
-    if out.numel():
-        _launch(_out_fwd_kernel, _flat_grid(b, h, t), rs, rs, skip if skip is not None else rs, m, out, h, t, m_sb,
-                HAS_SKIP=skip is not None, ACC=_acc_dtype(rs, skip, m), BLOCK=BLOCK)
-    return out
+wn_res_skip.register_autograd(_res_skip_grads, setup_context=_res_skip_setup)
 
 
 @wn_out.register_fake
 def _(rs, skip, mask):
-    dt = _promote(rs.dtype, mask.dtype, *((skip.dtype,) if skip is not None else ()))
+    dt = promote(rs.dtype, mask.dtype, *((skip.dtype,) if skip is not None else ()))
     return rs.new_empty(rs.shape, dtype=dt)
-
-
-@torch.library.custom_op("vits_fast::wn_out_bwd", mutates_args=())
-def wn_out_bwd(dout: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Gradient of :func:`wn_out` for rs and skip alike: ``dout * mask`` ([b, h, t], dout's dtype)."""
-    _check_device(dout)
-    b, h, t = dout.shape
-    dout = dout.contiguous()
-    m, m_sb = _mask_arg(mask, b, t)
-    o = _empty((b, h, t), dout.dtype, dout.device)
-    if o.numel():
-        _launch(_mask_mul_kernel, _flat_grid(b, h, t), dout, dout, m, o, h, t, m_sb, ACC=_acc_dtype(dout, m),
-                BLOCK=BLOCK)
-    return o
 
 
 @wn_out_bwd.register_fake
@@ -607,7 +506,7 @@ def _out_setup(ctx, inputs, output):
     ctx.save_for_backward(mask, *((rs, skip) if ctx.mask_grad else ()))
 
 
-def _out_backward(ctx, dout):
+def _out_grads(ctx, dout):
     mask = ctx.saved_tensors[0]
     rs_dt, skip_dt, mask_dt = ctx.dtypes
     d = wn_out_bwd(dout, mask)
@@ -615,14 +514,16 @@ def _out_backward(ctx, dout):
     if ctx.mask_grad:
         rs, skip = ctx.saved_tensors[1:]
         v = rs if skip is None else skip + rs
-        dmask = _sum_to(dout * v, mask.shape).to(mask_dt)
+        dmask = sum_to(dout * v, mask.shape).to(mask_dt)
     return d.to(rs_dt), (d.to(skip_dt) if skip_dt is not None else None), dmask
 
 
-wn_out.register_autograd(_out_backward, setup_context=_out_setup)
+wn_out.register_autograd(_out_grads, setup_context=_out_setup)
 
 
-# ---- the whole stack --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
+# Module entry points
+# --------------------------------------------------------------------------------------------------------------
 
 
 def wn_forward(module: torch.nn.Module, x: torch.Tensor, x_mask: torch.Tensor,
@@ -652,6 +553,6 @@ def wn_forward(module: torch.nn.Module, x: torch.Tensor, x_mask: torch.Tensor,
         else:
             out = wn_out(rs, skip, x_mask)
             if skip is None:  # one-layer stack: the reference's zeros_like(x) joins the type promotion
-                out = out.to(_promote(out.dtype, x.dtype))
+                out = out.to(promote(out.dtype, x.dtype))
             return out
     raise ValueError("WN needs n_layers >= 1")

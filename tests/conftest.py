@@ -12,6 +12,7 @@
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -50,3 +51,27 @@ def pytest_runtest_logreport(report):
     if path and report.failed and not _IS_XDIST_WORKER:  # the controller sees every worker's reports
         with open(path, "a", encoding="utf-8") as f:
             f.write(f"==== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n\n")
+
+
+POISON_INT = -0x5A5A5A5B  # a bit pattern no index or count takes
+
+
+@pytest.fixture(scope="module")
+def poisoned_outputs():
+    """Every buffer a kernel launcher allocates (``vits_fast.kernels._common.empty``: outputs and scratch) starts
+    as garbage, NaN for floating dtypes and ``POISON_INT`` for integers, so an element a kernel forgets to write
+    (or reads before writing) fails the test. Module scope, so that hypothesis tests run under it too; kernel test
+    files use it with ``pytestmark = pytest.mark.usefixtures("poisoned_outputs")``."""
+    from vits_fast.kernels import _common
+
+    real = _common.empty
+
+    def poisoned(shape, dtype, device):
+        t = real(shape, dtype, device)
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t.fill_(POISON_INT) if t.dtype in (torch.int32, torch.int64) else t
+
+    _common.empty = poisoned
+    yield
+    _common.empty = real

@@ -1,7 +1,7 @@
 """Fused affine-coupling epilogue (``vits_fast.kernels.coupling``) against the reference ResidualCouplingLayer.
 
-* Every kernel output buffer is NaN-poisoned (``coupling._empty`` is replaced), so an element the kernel forgets to
-  write fails the comparison.
+* Every kernel output buffer is NaN-poisoned (the ``poisoned_outputs`` fixture of ``tests/conftest.py``), so an
+  element the kernel forgets to write fails the comparison.
 * The reference is the epilogue of ``ResidualCouplingLayer.forward`` written out in PyTorch (mask on the stats,
   split, affine update, ``cat``, ``sum(logs)``), then ``torch.flip`` for the folded ``Flip``; float64 for the
   values, the kernel's dtype for the same-dtype rule (``tests/_numerics.py``).
@@ -17,26 +17,16 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from tests._numerics import assert_matches_reference
+from tests._util import FusedOps
 from vits_fast.backend import backend, interpreter_enabled
 from vits_fast.kernels import coupling
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the fused path: CUDA, or CPU under the interpreter
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 F64 = torch.float64
 F64_TOL = (1e-12, 1e-12) if interpreter_enabled() else (1e-9, 1e-9)
 NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]  # shrinking under the interpreter runs for many minutes
-
-
-def _poisoned_empty(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def poisoned_outputs():
-    saved = coupling._empty
-    coupling._empty = _poisoned_empty
-    yield
-    coupling._empty = saved
 
 
 def reference(x, stats, mask, reverse, flip, mean_only):
@@ -66,17 +56,11 @@ def fused(x, stats, mask, reverse, flip, mean_only):
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts calls of the fused epilogue, proving that module tests really take the fused path."""
-    calls = []
-    real = coupling._layer_forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(coupling, "_layer_forward", spy)
-    return calls
+def fused_ops():
+    """Counts the fused ops the test dispatches (a ``TorchDispatchMode``), proving that module tests take the fused
+    path."""
+    with FusedOps() as ops:
+        yield ops
 
 
 def make_case(b, c, t, lengths, mean_only, scale, seed):
@@ -146,6 +130,26 @@ def test_low_precision_and_autocast_dtypes(dtype, s_dtype, mean_only):
     x, s, mask = make_case(2, 5, 131, [131, 77], mean_only, 1.0, 3)
     for reverse, flip in ((False, True), (True, False)):
         check(x, s, mask, reverse, flip, mean_only, dtype, s_dtype=s_dtype)
+
+
+# name -> (batch, C, T, lengths, mean_only, reverse, flip). BLOCK = 1024 elements of the [C, T] half per program.
+SHAPES = {
+    "piper-prior-flow": (1, 96, 11, (11,), True, False, True),  # Piper: 192 channels, mean-only; C*T = 1056
+    "odd": (3, 3, 7, (7, 1, 4), False, True, False),
+    "block-1": (2, 11, 93, (93, 50), False, False, True),  # C*T = 1023
+    "block": (1, 8, 128, (100,), True, True, True),  # C*T = 1024
+    "block+1": (2, 5, 205, (205, 101), False, True, True),  # C*T = 1025
+    "2block+1": (1, 3, 683, (600,), True, False, False),  # C*T = 2049
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_shape_grid(shape, dtype):
+    """Output, logdet and both gradients against float64 at every block boundary (per-dtype rule)."""
+    b, c, t, lengths, mean_only, reverse, flip = SHAPES[shape]
+    x, s, mask = make_case(b, c, t, list(lengths), mean_only, 1.0, len(shape))
+    check(x, s, mask, reverse, flip, mean_only, dtype)
 
 
 @pytest.mark.parametrize("mean_only", [True, False])
@@ -244,14 +248,14 @@ def _run(module, name, x, mask, cond, reverse, fn=None):
 
 @pytest.mark.parametrize("mean_only", [True, False])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_residual_coupling_layer_matches_reference(mean_only, reverse, fused_calls):
+def test_residual_coupling_layer_matches_reference(mean_only, reverse, fused_ops):
     from vits_fast.modules import ResidualCouplingLayer
 
     layer = _randomise(ResidualCouplingLayer(6, 8, 3, 1, 2, gin_channels=4, mean_only=mean_only), 1)
     layer = layer.to(DEVICE, F64)
     x, mask, cond = _inputs(2, 6, 9, [9, 5], 4, 2)
     fused_res = _run(layer, "triton", x, mask, cond, reverse)
-    assert len(fused_calls) == 1
+    assert fused_ops.counts["affine_coupling"] == 1
     ref_res = _run(layer, "reference", x, mask, cond, reverse)
     assert len(fused_res) == len(ref_res) > 3
     for a, b in zip(fused_res, ref_res):
@@ -260,7 +264,7 @@ def test_residual_coupling_layer_matches_reference(mean_only, reverse, fused_cal
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("folded", [False, True])
-def test_residual_coupling_block_matches_reference(reverse, folded, fused_calls):
+def test_residual_coupling_block_matches_reference(reverse, folded, fused_ops):
     """The block end to end on the fused path: through the layers' own hooks, and with the flips folded."""
     from vits_fast.models import ResidualCouplingBlock
 
@@ -268,7 +272,7 @@ def test_residual_coupling_block_matches_reference(reverse, folded, fused_calls)
     x, mask, cond = _inputs(2, 4, 10, [10, 6], 4, 4)
     fn = (lambda *a, **k: coupling.residual_coupling_block_forward(block, *a, **k)) if folded else None
     fused_res = _run(block, "triton", x, mask, cond, reverse, fn=fn)
-    assert len(fused_calls) == 3
+    assert fused_ops.counts["affine_coupling"] == 3
     ref_res = _run(block, "reference", x, mask, cond, reverse)
     assert len(fused_res) == len(ref_res) > 3
     for a, b in zip(fused_res, ref_res):

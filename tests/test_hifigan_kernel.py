@@ -2,9 +2,9 @@
 
 Runs on CUDA when present, otherwise on CPU under the Triton interpreter (``TRITON_INTERPRET=1``).
 
-* Every fused run uses NaN-poisoned output buffers (``hifigan._empty`` is replaced), so an element a kernel does
-  not write fails the comparison. Which fused ops ran (forward and backward) is counted with a
-  ``TorchDispatchMode`` and must be exactly the ops the module structure calls for.
+* Every fused run uses NaN-poisoned output buffers (the ``poisoned_outputs`` fixture of ``tests/conftest.py``), so
+  an element a kernel does not write fails the comparison. Which fused ops ran (forward and backward) is counted
+  with a ``TorchDispatchMode`` and must be exactly the ops the module structure calls for.
 * The reference is a float64 copy of the same module on the ``reference`` backend; the tolerance rule is
   ``tests/_numerics.py``: fp32 per tensor, bf16/fp16 pooled over the output and the gradients of the input,
   the conditioning and every parameter (``weight_g``, ``weight_v``, ``bias`` of every conv).
@@ -26,11 +26,10 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests._numerics import (assert_all_match_reference, assert_same_gradients,
                              check_low_precision)
-from tests._util import one_thread  # noqa: F401 (fixture)
+from tests._util import FusedOps, graph_recorder, one_thread  # noqa: F401 (fixture)
 
 import vits_fast
 from vits_fast.backend import backend
@@ -43,33 +42,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 LOW = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _poisoned_empty(shape, dtype, device):
-    return torch.empty(shape, dtype=dtype, device=device).fill_(float("nan"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _poison_outputs():
-    saved = hifigan._empty
-    hifigan._empty = _poisoned_empty
-    yield
-    hifigan._empty = saved
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ``vits_fast::hifigan_*`` ops dispatched (forward and backward) inside the ``with`` block."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.name()
-        if name.startswith("vits_fast::hifigan_"):
-            self.counts[name.split("::")[1]] += 1
-        return func(*args, **(kwargs or {}))
+pytestmark = pytest.mark.usefixtures("one_thread", "poisoned_outputs")
 
 
 def _randomise(m, seed):
@@ -92,7 +65,7 @@ def _run(m, name, args, gout, grad_names, count=True):
     leaves the dispatch mode out (``torch.compile`` rejects one)."""
     args = [a.detach().requires_grad_(True) if n else a for a, n in zip(args, grad_names)]
     m.zero_grad(set_to_none=True)
-    counter = OpCounter()
+    counter = FusedOps(prefix="hifigan_")
     with counter if count else contextlib.nullcontext():
         with backend(name):
             out = m(*args)
@@ -400,25 +373,14 @@ def test_bad_inputs_are_rejected(monkeypatch):
 def test_torch_compile_fullgraph():
     """Dynamo + AOTAutograd capture the fused Generator in one graph with the custom ops (forward and backward);
     the graphs run eagerly here (Inductor's C++ build would exceed this file's time budget on a CPU)."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"fw": [], "bw": []}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(str(gm.graph))
-            return make_boxed_func(gm.forward)
-        return compiler
-
+    compile_backend, graphs = graph_recorder()
     torch._dynamo.reset()
     m = _make_gen("2", 3, seed=11).float()
     x, g = torch.randn(2, 5, 7, device=DEVICE), torch.randn(2, 3, 1, device=DEVICE)
     mask = _mask(torch.tensor([7, 4], device=DEVICE), 7, torch.float32)
     gout = torch.randn(2, 1, 42, device=DEVICE)
     eager, eager_grads, _ = _run(m, "triton", [x, g, mask], gout, ["x", "g", None])
-    compiled = torch.compile(m, fullgraph=True, backend=aot_autograd(fw_compiler=recorder("fw"),
-                                                                      bw_compiler=recorder("bw")))
+    compiled = torch.compile(m, fullgraph=True, backend=compile_backend)
     out, grads, _ = _run(compiled, "triton", [x, g, mask], gout, ["x", "g", None], count=False)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
     grads = {k.replace("_orig_mod.", ""): v for k, v in grads.items()}

@@ -16,7 +16,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests._numerics import poison_
 from vits_fast.backend import backend
 from vits_fast.kernels import mas
 from vits_fast.monotonic_align import MonotonicAlignWarning, maximum_path, maximum_path_cpu
@@ -24,25 +23,7 @@ from vits_fast.monotonic_align import MonotonicAlignWarning, maximum_path, maxim
 TIE_VALUES = [-1.0, 0.0, 0.5, 2.0]
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-
-
-@contextlib.contextmanager
-def poisoned_allocations(monkeypatch):
-    """Make ``torch.empty`` return garbage (NaN for floats, a bit pattern for ints) inside the block, so an
-    output or scratch element that a kernel relies on without writing it shows up."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            return poison_(t)
-        return t.fill_(-0x5A5A5A5B) if t.dtype in (torch.int32, torch.int64) else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-    try:
-        yield
-    finally:
-        monkeypatch.setattr(torch, "empty", real_empty)
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")  # NaN / bit-pattern scratch and outputs
 
 
 def _cpu_reference(neg: torch.Tensor, t_xs, t_ys):
@@ -59,11 +40,9 @@ def _run_triton(neg, t_xs, t_ys):
                             y_lengths=torch.as_tensor(t_ys, device=neg.device), return_durations=True)
 
 
-def _assert_same(neg, t_xs, t_ys, monkeypatch=None):
+def _assert_same(neg, t_xs, t_ys):
     keep = neg.clone()
-    ctx = poisoned_allocations(monkeypatch) if monkeypatch is not None else contextlib.nullcontext()
-    with ctx:
-        path, dur = _run_triton(neg, t_xs, t_ys)
+    path, dur = _run_triton(neg, t_xs, t_ys)
     assert torch.equal(neg, keep), "neg_cent was modified"
     ref_path, ref_dur = _cpu_reference(neg, t_xs, t_ys)
     assert path.dtype == neg.dtype and dur.dtype == neg.dtype
@@ -95,10 +74,10 @@ def test_bit_exact_with_cpu_search(batch):
     _assert_same(neg, t_xs, t_ys)
 
 
-def test_every_element_written_poisoned_buffers(monkeypatch):
+def test_every_element_written_poisoned_buffers():
     rng = np.random.default_rng(11)
     neg = torch.from_numpy(rng.choice(np.asarray(TIE_VALUES, np.float32), size=(4, 37, 9))).to(DEV)
-    _assert_same(neg, [9, 4, 9, 2], [37, 20, 5, 1], monkeypatch)  # item 2: t_x > t_y, item 3: one frame
+    _assert_same(neg, [9, 4, 9, 2], [37, 20, 5, 1])  # item 2: t_x > t_y, item 3: one frame
 
 
 @pytest.mark.parametrize("t_y", [31, 32, 33, 64, 65])
@@ -189,12 +168,12 @@ def test_beyond_supported_sizes_raise_before_launch():
 
 def test_block_size_rule_and_compile_configs_cover_launches():
     listed = {(c["fn"].__name__, c["signature"]["nc_ptr"], c["constexprs"]["BLOCK_X"], c["num_warps"])
-              for c in mas.COMPILE_CONFIGS if c["fn"] is mas._mas_forward_kernel}
+              for c in mas.COMPILE_CONFIGS if c["fn"] is mas._mas_fwd_kernel}
     for t_x in (1, 127, 128, 129, 256, 300, 512, 513, 1000, 1024, 2048):
         block = mas.block_x_for(t_x)
         assert block >= t_x and block >= 128 and block & (block - 1) == 0
         for ty in ("*fp32", "*bf16", "*fp16"):
-            assert ("_mas_forward_kernel", ty, block, mas.forward_warps(block)) in listed
+            assert ("_mas_fwd_kernel", ty, block, mas.fwd_warps(block)) in listed
     paths = {c["signature"]["path_ptr"] for c in mas.COMPILE_CONFIGS if c["fn"] is mas._mas_path_kernel}
     assert paths == {"*fp32", "*bf16", "*fp16"}
 
@@ -262,10 +241,10 @@ def test_cuda_large_bit_exact(b, t_x, t_y):
 
 
 @needs_cuda
-def test_cuda_ties_and_poison(monkeypatch):
+def test_cuda_ties_and_poison():
     rng = np.random.default_rng(14)
     neg = torch.from_numpy(rng.choice(np.asarray(TIE_VALUES, np.float32), size=(8, 333, 77))).cuda()
-    _assert_same(neg, [77, 50, 77, 3, 76, 12, 77, 1], [333, 200, 77, 3, 100, 300, 90, 1], monkeypatch)
+    _assert_same(neg, [77, 50, 77, 3, 76, 12, 77, 1], [333, 200, 77, 3, 100, 300, 90, 1])
 
 
 @needs_cuda

@@ -1,7 +1,7 @@
 """Fused rational-quadratic spline coupling (``vits_fast.kernels.spline``) against the reference ConvFlow math.
 
-* Every kernel output buffer (outputs, gradients, log|det| partial sums) is NaN-poisoned (``spline._empty`` is
-  replaced), so an element the kernel forgets to write fails the comparison.
+* Every kernel output buffer (outputs, gradients, log|det| partial sums) is NaN-poisoned (the ``poisoned_outputs``
+  fixture of ``tests/conftest.py``), so an element the kernel forgets to write fails the comparison.
 * The reference is ``vits_fast.transforms`` applied exactly as ``ConvFlow`` does (mask, reshape/permute, scale,
   linear tails, ``cat`` and masked log|det| sum), evaluated in float64, and in the kernel's dtype for the
   same-dtype error rule.
@@ -28,12 +28,14 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from tests._numerics import assert_matches_reference
+from tests._util import FusedOps, graph_recorder
 from vits_fast import transforms
 from vits_fast.backend import backend, interpreter_enabled
-from vits_fast.kernels import spline
+from vits_fast.kernels import spline  # noqa: F401 (registers the vits_fast::rq_spline_coupling ops)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the fused path: CUDA, or CPU under the interpreter
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 K = 10
 TAIL = 5.0
 DIV = math.sqrt(8.0)  # sqrt(filter_channels) of the tests' spline
@@ -41,18 +43,6 @@ F64 = torch.float64
 # On a GPU Triton passes Python floats (tail bound, 1/sqrt scale, minimum sizes) as fp32 even to fp64 kernels.
 F64_TOL = (1e-9, 1e-9) if interpreter_enabled() else (1e-6, 1e-6)
 NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]  # shrinking under the interpreter runs for many minutes
-
-
-def _poisoned_empty(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def poisoned_outputs():
-    saved = spline._empty
-    spline._empty = _poisoned_empty
-    yield
-    spline._empty = saved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,17 +73,11 @@ def fused(x, h, mask, inverse, div=DIV, tail=TAIL, k=K):
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts ``conv_flow_forward`` calls, proving that module tests really take the fused path."""
-    calls = []
-    real = spline.conv_flow_forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(spline, "conv_flow_forward", spy)
-    return calls
+def fused_ops():
+    """Counts the fused ops the test dispatches (a ``TorchDispatchMode``), proving that module tests take the fused
+    path."""
+    with FusedOps() as ops:
+        yield ops
 
 
 def make_case(b, c, t, lengths, hscale, xscale, placement, seed, k=K):
@@ -313,6 +297,27 @@ def test_low_precision_matches_reference(dtype, h_dtype, inverse):
     check_against_reference(x, h, mask, inverse, dtype, h_dtype=h_dtype)
 
 
+# name -> (batch, C, T, lengths, inverse). One program per (BLOCK_T = 64 time steps, channel, item); the K = 10 bins
+# sit in KP = 16 lanes (6 padding lanes in every shape).
+SHAPES = {
+    "piper-sdp": (2, 1, 37, (37, 20), False),  # the SDP's ConvFlows: C = 1
+    "odd": (3, 1, 7, (7, 1, 4), True),
+    "tile-1": (1, 2, 63, (63,), False),
+    "tile": (2, 1, 64, (64, 40), True),
+    "tile+1": (1, 2, 65, (50,), True),
+    "2tile+1": (1, 1, 129, (129,), False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_shape_grid(shape, dtype):
+    """Output, log|det| and both gradients against float64 at every time-tile boundary (per-dtype rule)."""
+    b, c, t, lengths, inverse = SHAPES[shape]
+    x, h, mask = make_case(b, c, t, list(lengths), hscale=2.0, xscale=3.0, placement="random", seed=len(shape))
+    check_against_reference(x, h, mask, inverse, dtype)
+
+
 @pytest.mark.parametrize("hscale", [20.0, 50.0])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_fp32_steep_bins_as_accurate_as_pytorch(hscale, inverse):
@@ -421,7 +426,7 @@ def _ragged_mask(lengths, t, dtype):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_conv_flow_module_matches_reference(reverse, fused_calls):
+def test_conv_flow_module_matches_reference(reverse, fused_ops):
     from vits_fast.modules import ConvFlow
 
     flow = _randomise(ConvFlow(2, 8, 3, n_layers=2), seed=1).double().to(DEVICE)
@@ -444,12 +449,12 @@ def test_conv_flow_module_matches_reference(reverse, fused_calls):
             p.grad.clone() for p in flow.parameters()]
 
     fused_results = run("triton")
-    assert len(fused_calls) == 1
+    assert fused_ops.counts["rq_spline_coupling"] == 1
     for a, b in zip(fused_results, run("reference")):
         torch.testing.assert_close(a, b, rtol=F64_TOL[0], atol=F64_TOL[1])
 
 
-def test_conv_flow_under_autocast_keeps_reference_dtypes(fused_calls):
+def test_conv_flow_under_autocast_keeps_reference_dtypes(fused_ops):
     """fp32 flow state with a bf16 projection (autocast): the reference's output dtypes, and its values up to the
     spline's fp32 rounding (both paths get the same bf16 projection from PyTorch)."""
     from vits_fast.modules import ConvFlow
@@ -462,7 +467,7 @@ def test_conv_flow_under_autocast_keeps_reference_dtypes(fused_calls):
     for name in ("triton", "reference"):
         with torch.autocast(DEVICE, dtype=torch.bfloat16), backend(name):
             outs[name] = flow(x, mask)
-    assert len(fused_calls) == 1
+    assert fused_ops.counts["rq_spline_coupling"] == 1
     (a, la), (b, lb) = outs["triton"], outs["reference"]
     assert a.dtype == b.dtype == torch.float32 and la.dtype == lb.dtype
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -497,15 +502,15 @@ def _sdp_train(sdp, x, mask, w, name):
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_sdp_training_nll_and_grads_match_reference(dtype, fused_calls):
+def test_sdp_training_nll_and_grads_match_reference(dtype, fused_ops):
     sdp64 = _sdp(F64)
     x64, mask64, w64 = _sdp_inputs(F64)
     ref_nll, ref_grads = _sdp_train(sdp64, x64, mask64, w64, "reference")
-    assert not fused_calls
+    assert not fused_ops.counts
     sdp = _sdp(dtype)
     x, mask, w = _sdp_inputs(dtype)
     nll, grads = _sdp_train(sdp, x, mask, w, "triton")
-    assert len(fused_calls) == 8  # 4 posterior + 4 main ConvFlows
+    assert fused_ops.counts["rq_spline_coupling"] == 8  # 4 posterior + 4 main ConvFlows
     assert set(grads) == set(ref_grads) and len(grads) > 20
     if dtype == F64:
         torch.testing.assert_close(nll, ref_nll, rtol=F64_TOL[0], atol=F64_TOL[1])
@@ -519,7 +524,7 @@ def test_sdp_training_nll_and_grads_match_reference(dtype, fused_calls):
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_sdp_reverse_logw_matches_reference(dtype, fused_calls):
+def test_sdp_reverse_logw_matches_reference(dtype, fused_ops):
     def sample(model, x, mask, name):
         torch.manual_seed(321)
         with torch.no_grad(), backend(name):
@@ -529,7 +534,7 @@ def test_sdp_reverse_logw_matches_reference(dtype, fused_calls):
     sdp = _sdp(dtype)
     x, mask, _ = _sdp_inputs(dtype)
     logw = sample(sdp, x, mask, "triton")
-    assert len(fused_calls) == 3  # sampling skips one of the 4 main ConvFlows, as upstream
+    assert fused_ops.counts["rq_spline_coupling"] == 3  # sampling skips one of the 4 main ConvFlows, as upstream
     assert logw.shape == (2, 1, 13) and logw.dtype == dtype
     if dtype == F64:
         torch.testing.assert_close(logw, ref, rtol=F64_TOL[0], atol=F64_TOL[1])
@@ -537,7 +542,7 @@ def test_sdp_reverse_logw_matches_reference(dtype, fused_calls):
         assert_close(logw.cpu(), ref.cpu(), sample(sdp, x, mask, "reference").cpu(), "logw")
 
 
-def test_sdp_compiles_fullgraph(fused_calls):
+def test_sdp_compiles_fullgraph():
     """``torch.compile(fullgraph=True)`` of the SDP on the fused path, training loss and reverse sampling: no graph
     break, and the compiled results and gradients equal eager's. The ``aot_eager`` backend traces exactly what
     inductor would be given (Dynamo capture, fake-tensor propagation through ``register_fake``, AOT autograd through
@@ -556,7 +561,7 @@ def test_sdp_compiles_fullgraph(fused_calls):
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
-    compile_backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    compile_backend, graphs = ("inductor", None) if CUDA else graph_recorder()
     compiled = torch.compile(sdp, fullgraph=True, backend=compile_backend)
     sdp.zero_grad()
     torch.manual_seed(123)
@@ -575,5 +580,7 @@ def test_sdp_compiles_fullgraph(fused_calls):
         torch.manual_seed(9)
         logw = sample(x, mask)
     torch.testing.assert_close(logw, eager_logw, rtol=1e-5, atol=1e-5)
-    assert len(fused_calls) >= 2 * 6 + 2  # eager and traced: 4 posterior + 2 main flows, then 1 + 1 sampling
+    if graphs is not None:  # training: 4 posterior + 2 main flows, forward and backward; sampling: 1 main flow
+        assert [g.count("vits_fast.rq_spline_coupling.default") for g in graphs["fw"]] == [6, 1], graphs["fw"]
+        assert "vits_fast.rq_spline_coupling_backward.default" in graphs["bw"][0]
     torch._dynamo.reset()

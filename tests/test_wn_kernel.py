@@ -2,8 +2,9 @@
 
 Runs on CUDA when present, otherwise on CPU under the Triton interpreter (``TRITON_INTERPRET=1``).
 
-* Every fused run uses NaN-poisoned output buffers (``wn._empty`` is replaced), so an element a kernel does
-  not write fails the comparison; a spy on ``wn.wn_forward`` proves the fused path ran.
+* Every fused run uses NaN-poisoned output buffers (the ``poisoned_outputs`` fixture of ``tests/conftest.py``), so
+  an element a kernel does not write fails the comparison; ``FusedOps`` (a ``TorchDispatchMode``) counts the fused
+  ops of every fused run, which proves the fused path ran.
 * The reference is a float64 copy of the same module on the ``reference`` backend; the tolerance rule is
   ``tests/_numerics.py``, applied to the output and to the gradients of x, g and every parameter
   (``weight_g``, ``weight_v``, ``bias`` of every conv). fp32 is checked per tensor. For bf16/fp16 each tensor
@@ -20,6 +21,8 @@ Runs on CUDA when present, otherwise on CPU under the Triton interpreter (``TRIT
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from hypothesis import Phase, given, settings
@@ -27,6 +30,7 @@ from hypothesis import strategies as st
 
 from tests._numerics import assert_all_match_reference, assert_same_gradients, max_err
 from tests._numerics import check_low_precision as _check_low_precision
+from tests._util import FusedOps, graph_recorder
 
 from vits_fast.backend import backend, set_module_backend
 from vits_fast.kernels import wn
@@ -36,40 +40,14 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # fused path: CUDA, or CPU under the interpreter
 LOW = (torch.bfloat16, torch.float16)
 MAX_EXAMPLES = 60 if CUDA else 24
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
-def _poisoned_empty(shape, dtype, device):
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if t.is_floating_point() else t
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _poison_outputs():
-    """Every kernel output buffer starts as NaN (module scope so that hypothesis tests can use it)."""
-    saved = wn._empty
-    wn._empty = _poisoned_empty
-    yield
-    wn._empty = saved
-
-
-class _Spy:
-    """Counts calls of ``wn.wn_forward`` (the module looks it up at call time)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __enter__(self):
-        self._orig = wn.wn_forward
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return self._orig(*args, **kwargs)
-
-        wn.wn_forward = counted
-        return self
-
-    def __exit__(self, *exc):
-        wn.wn_forward = self._orig
+def _expected_ops(n_layers):
+    """Fused ops of one forward + backward of an ``n_layers`` WN stack (counted with ``FusedOps``)."""
+    mid = n_layers - 1
+    return +Counter(wn_gate=n_layers, wn_gate_bwd=n_layers, wn_res_skip=mid, wn_res_skip_bwd=mid, wn_out=1,
+                    wn_out_bwd=1)
 
 
 def _make_wn(h, kernel_size, dilation_rate, n_layers, gin, p_dropout=0.0, seed=0):
@@ -119,9 +97,9 @@ def _check_against_reference(m64, x64, mask64, g64, dtype, gout64):
     def cast(t):
         return t.to(dtype) if t is not None else None
 
-    with _Spy() as spy:
+    with FusedOps() as ops:
         out, grads = _run(m, "triton", cast(x64), cast(mask64), cast(g64), gout64)
-    assert spy.calls == 1, "the fused path did not run"
+    assert ops.counts == _expected_ops(m.n_layers), f"the fused path did not run as expected: {ops.counts}"
     assert out.dtype == dtype
     assert_same_gradients(grads, ref_grads)
     if dtype not in LOW:
@@ -152,6 +130,34 @@ def test_wn_matches_reference(b, h, t, n_layers, kernel_size, dilation_rate, gin
     g = torch.randn(b, gin, 1, dtype=torch.float64, device=DEVICE) if gin else None
     gout = torch.randn(b, h, t, dtype=torch.float64, device=DEVICE)
     _check_against_reference(m64, x, _mask(lengths, t, torch.float64), g, dtype, gout)
+
+
+# ---- named shape grid --------------------------------------------------------------------------------------------
+# name -> (batch, hidden, time, lengths, gin). The flat kernels run BLOCK = 1024 elements of H*T per program, the
+# conditioned gate backward [4, 128] (channel x time) tiles: each boundary is met below, at and above.
+SHAPES = {
+    "piper-channels": (1, 192, 9, (9,), 3),  # Piper's hidden size; H*T = 1728: two blocks, H % 4 = 0
+    "odd": (3, 3, 7, (7, 1, 4), 3),  # one partial block, one partial channel tile
+    "block-1": (2, 11, 93, (93, 50), 0),  # H*T = 1023
+    "block/tile": (1, 8, 128, (100,), 3),  # H*T = 1024, T = 128: exactly one block and one time tile
+    "block+1": (2, 5, 205, (205, 101), 0),  # H*T = 1025; T = 205 > 128
+    "2block+1/2tile+1": (1, 3, 683, (600,), 3),  # H*T = 2049, T = 683: 6 time tiles, H = 3 < 4 channels
+}
+GRID_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", GRID_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_wn_shape_grid(shape, dtype):
+    """Output and all gradients against float64 at every block/tile boundary (per-dtype rule of _numerics)."""
+    b, h, t, lengths, gin = SHAPES[shape]
+    m64 = _make_wn(h, 3, 2, 2, gin, seed=len(shape))
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(b, h, t, generator=gen, dtype=torch.float64).to(DEVICE)
+    g = torch.randn(b, gin, 1, generator=gen, dtype=torch.float64).to(DEVICE) if gin else None
+    gout = torch.randn(b, h, t, generator=gen, dtype=torch.float64).to(DEVICE)
+    mask = _mask(torch.tensor(lengths, device=DEVICE), t, torch.float64)
+    _check_against_reference(m64, x, mask, g, dtype, gout)
 
 
 @pytest.mark.parametrize("gin", [0, 4])
@@ -200,10 +206,10 @@ def test_wn_autocast_mixed_dtypes():
     m32 = _clone(m64, torch.float32)
     x32, mask32, g32 = x.float(), mask.float(), g.float()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        with _Spy() as spy:
+        with FusedOps() as ops:
             out, grads = _run(m32, "triton", x32, mask32, g32, gout)
         same, same_grads = _run(_clone(m64, torch.float32), "reference", x32, mask32, g32, gout)
-    assert spy.calls == 1
+    assert ops.counts == _expected_ops(3), ops.counts
     assert out.dtype == torch.float32
     _check_low_precision({"output": out, **grads}, {"output": ref, **ref_grads}, {"output": same, **same_grads},
                          torch.bfloat16)
@@ -331,25 +337,16 @@ def test_ops_reject_cpu_without_interpreter(monkeypatch):
 
 
 def test_torch_compile_fullgraph():
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"dynamo": [], "fw": [], "bw": []}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(str(gm.graph))
-            return make_boxed_func(gm.forward)
-        return compiler
-
     if CUDA:  # Dynamo's graph goes to Inductor
+        graphs = {"dynamo": []}
+
         def compile_backend(gm, example_inputs):
             from torch._inductor.compile_fx import compile_fx
 
             graphs["dynamo"].append(str(gm.graph))
             return compile_fx(gm, example_inputs)
     else:  # Dynamo + AOTAutograd, graphs run eagerly (see the module docstring)
-        compile_backend = aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw"))
+        compile_backend, graphs = graph_recorder()
     torch._dynamo.reset()
     m = _make_wn(5, 3, 2, 3, 4, seed=6).float()
     set_module_backend(m, "triton")
