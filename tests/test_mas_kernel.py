@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -93,6 +94,31 @@ def test_dtypes_and_ragged(dtype):
     rng = np.random.default_rng(5)
     neg = torch.from_numpy((rng.standard_normal((3, 26, 11)) * 8).astype(np.float32)).to(device=DEV, dtype=dtype)
     _assert_same(neg, [11, 6, 1], [26, 13, 9])
+
+
+#: Named shapes: (batch, T_x, T_y, text lengths, frame lengths). The search is exact in every dtype (it compares
+#: the input rounded to float32, as the CPU search does), so each case is checked bit for bit. Boundaries: the DP
+#: row is 128 lanes up to t_x = 128 and 256 lanes above; decision bits go in 32-frame words; the path expansion
+#: runs 128 text positions per program, 32 frames per step.
+SHAPES = {
+    "piper-utterance": (2, 40, 180, [40, 23], [180, 97]),  # ~40 phonemes, ~2 s at Piper's 86 frames/s
+    "odd": (3, 7, 13, [7, 5, 1], [13, 9, 4]),
+    "row-127": (1, 127, 140, [127], [140]),
+    "row-128": (1, 128, 133, [128], [133]),
+    "row-129-two-path-programs": (2, 129, 161, [129, 64], [161, 96]),
+    "frames-31-32-33": (3, 9, 33, [9, 9, 9], [31, 32, 33]),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_shape_grid(name, dtype):
+    b, t_x, t_y, t_xs, t_ys = SHAPES[name]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))  # the same values in every run
+    neg = torch.from_numpy((rng.standard_normal((b, t_y, t_x)) * 4).astype(np.float32)).to(DEV, dtype)
+    path = _assert_same(neg, t_xs, t_ys)
+    assert [int(path[i].sum()) for i in range(b)] == t_ys  # one text position per frame of every item
 
 
 def test_ties_from_float32_rounding():
