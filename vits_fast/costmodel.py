@@ -57,8 +57,8 @@ Op-specific costs
 Constants and their sources
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~
 H200 (``--estimate h200``): measured on an H200 (SXM, 132 SMs), torch 2.11, CUDA 13.0, 2026-11-30, by
-``benchmarks/calibrate.py`` (``/work/notes/calibration.json`` of that run): copy 4.24 TB/s (read + write), matmul
-fp32 51.3 / TF32 364 / bf16 687 / fp16 679 TFLOP/s, 1-D convolution fp32 42.7 / TF32 261 / bf16 419 / fp16 408
+``benchmarks/calibrate.py`` (:data:`H200_CALIBRATION`; ``benchmarks/RESULTS.md``, GPU run 1): copy 4.24 TB/s
+(read + write), matmul fp32 51.3 / TF32 364 / bf16 687 / fp16 679 TFLOP/s, 1-D convolution fp32 42.7 / TF32 261 / bf16 419 / fp16 408
 TFLOP/s; host: 10.9 us per PyTorch op launch, 13.9 us per Triton launch.
 
 H100 and A100: **datasheet numbers scaled by the fraction the H200 achieved of its own datasheet** (not measured):
@@ -96,7 +96,7 @@ other constants have their own flags (see :func:`add_arguments`).
 
 Notes: the estimate against the H200 measurements (first GPU run, 2026-11-30)
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-Measured: device median of the benchmark suite (``/work/notes/gpu_report_run1.md``); estimated: ``--estimate
+Measured: device median of the benchmark suite (``benchmarks/RESULTS.md``, GPU run 1, "All entries"); estimated: ``--estimate
 h200``. The fit points above are not validations; these are (ms per step or call; ratio = reference / fused):
 
 ==================================  ================  ================  ==============
