@@ -9,8 +9,8 @@ Rules every kernel file follows (``wn``, ``coupling``, ``spline``, ``mas``, ``hi
   allocate and launch); custom-op registration (fake tensors and autograd); then the module entry points that
   models call (``*_forward``, named after the ``nn.Module.forward`` they replace).
 * Names: kernels ``_<what>_fwd_kernel`` / ``_<what>_bwd_kernel``; a stride argument ``stride_<tensor>_<dim>``
-  (``stride_mask_batch``). Custom-op names are public (models, ``costmodel``, ``audit``, ``profile`` and the
-  benchmarks look them up) and keep the names they were registered with.
+  (``stride_mask_batch``); custom ops ``vits_fast::<what>`` and ``vits_fast::<what>_bwd`` (models,
+  ``costmodel``, ``audit``, ``profile`` and the benchmarks look them up by these names).
 * Compute dtype: every kernel takes an ``ACC`` constexpr from :func:`acc_dtype` (fp32; fp64 when any input is
   fp64), loads with :func:`load_as` and stores with :func:`cast_for` (one rounding, to nearest even).
 * Outputs come from :func:`empty` (looked up at call time, so that tests can NaN-fill every kernel output by

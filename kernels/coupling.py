@@ -191,8 +191,8 @@ def affine_coupling(x: torch.Tensor, stats: torch.Tensor, x_mask: torch.Tensor, 
     return out, part.sum(dim=1)
 
 
-@torch.library.custom_op("vits_fast::affine_coupling_backward", mutates_args=())
-def affine_coupling_backward(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
+@torch.library.custom_op("vits_fast::affine_coupling_bwd", mutates_args=())
+def affine_coupling_bwd(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
                              x_mask: torch.Tensor, reverse: bool, flip: bool,
                              mean_only: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``(grad_x [B, 2C, T], grad_stats [B, S, T])`` of :func:`affine_coupling` given
@@ -219,14 +219,14 @@ def _(x, stats, x_mask, reverse, flip, mean_only):
             x.new_empty(x.shape[0], dtype=compute_dtype(x)))
 
 
-@affine_coupling_backward.register_fake
+@affine_coupling_bwd.register_fake
 def _(grad_out, grad_logdet, x, stats, x_mask, reverse, flip, mean_only):
     _check(x, stats, x_mask, mean_only)
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(stats, memory_format=torch.contiguous_format))
 
 
-register_flow_autograd(affine_coupling, affine_coupling_backward, "affine_coupling")
+register_flow_autograd(affine_coupling, affine_coupling_bwd, "affine_coupling")
 
 
 # --------------------------------------------------------------------------------------------------------------

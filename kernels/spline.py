@@ -403,8 +403,8 @@ def rq_spline_coupling(x: torch.Tensor, h: torch.Tensor, x_mask: torch.Tensor, i
     return out, part.sum(dim=(1, 2))
 
 
-@torch.library.custom_op("vits_fast::rq_spline_coupling_backward", mutates_args=())
-def rq_spline_coupling_backward(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+@torch.library.custom_op("vits_fast::rq_spline_coupling_bwd", mutates_args=())
+def rq_spline_coupling_bwd(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
                                 x_mask: torch.Tensor, inverse: bool, tail_bound: float, size_divisor: float,
                                 num_bins: int, min_bin_width: float, min_bin_height: float,
                                 min_derivative: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -431,7 +431,7 @@ def _(x, h, x_mask, inverse, tail_bound, size_divisor, num_bins, min_bin_width, 
             x.new_empty(x.shape[0], dtype=compute_dtype(x)))
 
 
-@rq_spline_coupling_backward.register_fake
+@rq_spline_coupling_bwd.register_fake
 def _(grad_out, grad_logdet, x, h, x_mask, inverse, tail_bound, size_divisor, num_bins, min_bin_width,
       min_bin_height, min_derivative):
     _check(x, h, x_mask, num_bins)
@@ -439,7 +439,7 @@ def _(grad_out, grad_logdet, x, h, x_mask, inverse, tail_bound, size_divisor, nu
             torch.empty_like(h, memory_format=torch.contiguous_format))
 
 
-register_flow_autograd(rq_spline_coupling, rq_spline_coupling_backward, "rq_spline_coupling")
+register_flow_autograd(rq_spline_coupling, rq_spline_coupling_bwd, "rq_spline_coupling")
 
 
 # --------------------------------------------------------------------------------------------------------------

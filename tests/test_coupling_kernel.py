@@ -183,7 +183,7 @@ def test_opcheck():
         s.requires_grad_()
         torch.library.opcheck(torch.ops.vits_fast.affine_coupling.default, (x, s, mask, False, True, mean_only))
         go, gl = torch.randn_like(x), torch.randn(2, device=DEVICE)
-        torch.library.opcheck(torch.ops.vits_fast.affine_coupling_backward.default,
+        torch.library.opcheck(torch.ops.vits_fast.affine_coupling_bwd.default,
                               (go, gl, x.detach(), s.detach(), mask, True, False, mean_only))
 
 

@@ -92,7 +92,7 @@ def test_min_bytes_counts_inputs_once_and_outputs():
     # writes grad_x (= x) and grad_h (= h)
     shapes = [[1, 2, 3], [1], [1, 2, 3], [1, 29, 3], [1, 1, 3], [], []]
     read = (6 + 1 + 6 + 87 + 3) * 4
-    assert vp.min_bytes("rq_spline_coupling_backward", shapes, [f32] * 5) == read + (6 + 87) * 4
+    assert vp.min_bytes("rq_spline_coupling_bwd", shapes, [f32] * 5) == read + (6 + 87) * 4
     assert vp.min_bytes("not_a_fused_op", [[4]], [f32]) is None
 
 
@@ -165,8 +165,8 @@ def test_bad_arguments_raise():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused-kernel bandwidth is measured on CUDA only")
 @pytest.mark.parametrize("workload,ops", [("kernel:wn", {"wn_gate", "wn_gate_bwd", "wn_res_skip", "wn_out"}),
-                                          ("kernel:spline", {"rq_spline_coupling", "rq_spline_coupling_backward"}),
-                                          ("kernel:coupling", {"affine_coupling", "affine_coupling_backward"}),
+                                          ("kernel:spline", {"rq_spline_coupling", "rq_spline_coupling_bwd"}),
+                                          ("kernel:coupling", {"affine_coupling", "affine_coupling_bwd"}),
                                           ("kernel:mas", {"maximum_path"})])
 def test_cuda_bandwidth_table(workload, ops):
     dev = torch.device("cuda")
@@ -186,8 +186,8 @@ def test_cuda_bandwidth_table(workload, ops):
 
 @pytest.mark.parametrize("workload,ops", [
     ("kernel:wn", {"wn_gate", "wn_gate_bwd", "wn_res_skip", "wn_res_skip_bwd", "wn_out", "wn_out_bwd"}),
-    ("kernel:spline", {"rq_spline_coupling", "rq_spline_coupling_backward"}),
-    ("kernel:coupling", {"affine_coupling", "affine_coupling_backward"}),
+    ("kernel:spline", {"rq_spline_coupling", "rq_spline_coupling_bwd"}),
+    ("kernel:coupling", {"affine_coupling", "affine_coupling_bwd"}),
     ("kernel:mas", {"maximum_path"}),
 ])
 def test_fused_ops_are_named_and_sized_in_the_profiler(workload, ops):

@@ -377,7 +377,7 @@ def test_opcheck():
     args = (x, h, mask, False, TAIL, DIV, K, 1e-3, 1e-3, 1e-3)
     torch.library.opcheck(torch.ops.vits_fast.rq_spline_coupling.default, args)
     go, gl = torch.randn_like(x), torch.randn(2, device=DEVICE)
-    torch.library.opcheck(torch.ops.vits_fast.rq_spline_coupling_backward.default,
+    torch.library.opcheck(torch.ops.vits_fast.rq_spline_coupling_bwd.default,
                           (go, gl, x.detach(), h.detach(), mask, True, TAIL, DIV, K, 1e-3, 1e-3, 1e-3))
 
 
@@ -582,5 +582,5 @@ def test_sdp_compiles_fullgraph():
     torch.testing.assert_close(logw, eager_logw, rtol=1e-5, atol=1e-5)
     if graphs is not None:  # training: 4 posterior + 2 main flows, forward and backward; sampling: 1 main flow
         assert [g.count("vits_fast.rq_spline_coupling.default") for g in graphs["fw"]] == [6, 1], graphs["fw"]
-        assert "vits_fast.rq_spline_coupling_backward.default" in graphs["bw"][0]
+        assert "vits_fast.rq_spline_coupling_bwd.default" in graphs["bw"][0]
     torch._dynamo.reset()

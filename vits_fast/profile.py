@@ -452,9 +452,9 @@ FUSED_OUTPUTS: Dict[str, Tuple[Tuple[int, float], ...]] = {
     "wn_out": ((0, 1.0),),
     "wn_out_bwd": ((0, 1.0),),
     "affine_coupling": ((0, 1.0),),              # out [B, 2C, T]
-    "affine_coupling_backward": ((2, 1.0), (3, 1.0)),  # grad_x, grad_stats
+    "affine_coupling_bwd": ((2, 1.0), (3, 1.0)),  # grad_x, grad_stats
     "rq_spline_coupling": ((0, 1.0),),
-    "rq_spline_coupling_backward": ((2, 1.0), (3, 1.0)),  # grad_x, grad_h
+    "rq_spline_coupling_bwd": ((2, 1.0), (3, 1.0)),  # grad_x, grad_h
     "maximum_path": ((0, 1.0),),                 # path [b, t_y, t_x] (+ durations, negligible)
     "hifigan_act": ((0, 1.0),),                  # xt [b, c, t] from x
     "hifigan_res_act": ((0, 2.0),),              # s, xt [b, c, t] from y
