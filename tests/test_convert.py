@@ -13,8 +13,8 @@ Voices are exported in the tests, to temporary folders, in two ways:
   output names; it differs only in naming the right output axis (3, samples; upstream marks 1) and marking
   ``sid`` dynamic.
 
-Files exported by upstream Piper itself (``piper_train`` with PyTorch Lightning) were not available offline, so
-they are not tested; the upstream-settings exports above stand in for them.
+Voices written by upstream's own exporter (piper1-gpl's ``export_onnx``, single- and multi-speaker) are imported
+and checked against onnxruntime in ``tests/test_piper_compat.py``, beside upstream's trainer.
 """
 
 import json

@@ -253,6 +253,47 @@ def test_lightning1_checkpoint_round_trip(corpus, cache_dir, tmp_path, lightning
             assert json.loads(json.dumps(hp_mine[key])) == value, key  # tuples written, lists in the JSON
 
 
+@pytest.mark.parametrize("speakers", [1, 2])
+def test_voice_exported_by_upstream_imports_with_onnxruntime_audio(tmp_path, monkeypatch, speakers):
+    """A voice written by upstream's own exporter (piper1-gpl's ``export_onnx``, from a checkpoint of upstream's
+    ``VitsModel``) imports, and with zero noise the imported model's audio equals onnxruntime's on the file."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from tests._util import randomised
+    from vits_fast import convert, voice_config
+
+    model = upstream.VitsModel(**{**TINY_UPSTREAM, "num_speakers": speakers})
+    randomised(model.model_g, seed=speakers, scale=0.2)  # upstream's init leaves some projections at zero
+    ckpt = tmp_path / "upstream.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}, ckpt)
+    onnx_path = tmp_path / "voice.onnx"
+    monkeypatch.setattr(sys, "argv", ["export_onnx", "--checkpoint", str(ckpt), "--output-file", str(onnx_path)])
+    monkeypatch.setattr(torch.onnx, "export", functools.partial(torch.onnx.export, dynamo=False))
+    export_onnx.main()
+    config = voice_config.make_voice_config(model.model_g, sample_rate=TINY_UPSTREAM["sample_rate"])
+    voice_config.write_voice_config(config, voice_config.onnx_config_path(onnx_path))
+
+    imported = convert.import_onnx_voice(onnx_path).model
+    assert imported.n_speakers == speakers
+    sess = ort.InferenceSession(str(onnx_path))
+    gen = torch.Generator().manual_seed(3)
+    for i, (length, scale) in enumerate([(7, 1.0), (19, 1.2)]):
+        ids = torch.randint(1, 256, (1, length), generator=gen)
+        sid = torch.tensor([i % speakers]) if speakers > 1 else None
+        feed = {"input": ids.numpy(), "input_lengths": np.asarray([length]),
+                "scales": np.asarray([0.0, scale, 0.0], dtype=np.float32)}
+        if sid is not None:
+            feed["sid"] = sid.numpy()
+        want = sess.run(None, feed)[0].reshape(-1)
+        with torch.no_grad():
+            got = imported.infer(ids, torch.tensor([length]), sid=sid, noise_scale=0.0, noise_scale_w=0.0,
+                                 length_scale=scale)[0].reshape(-1).numpy()
+        assert got.shape == want.shape and np.abs(want).max() > 1e-2
+        assert np.abs(got - want).max() <= 1e-3
+
+
 def test_optimizer_state_split_and_join_are_inverse():
     p = [torch.nn.Parameter(torch.randn(3)) for _ in range(5)]
     opt = torch.optim.AdamW(p)
