@@ -265,12 +265,15 @@ def test_errors_are_clear(voices, tmp_path, capsys):
     with pytest.raises(convert.OnnxVoiceError, match="not a Piper voice: expected pairs of relative-position"):
         convert.import_onnx_voice(_graph_file(tmp_path / "emb.onnx", (10, 16)))
     # Sizes read from the file are bounded; weights in external files are refused.
-    with pytest.raises(convert.OnnxVoiceError, match=r"hidden_channels=4096 .* outside 1\.\.1024"):
-        convert.import_onnx_voice(_graph_file(tmp_path / "wide.onnx", (2, 4096)))
+    with pytest.raises(convert.OnnxVoiceError, match=r"hidden_channels=8192 .* outside 1\.\.4096"):
+        convert.import_onnx_voice(_graph_file(tmp_path / "wide.onnx", (2, 8192)))
     with pytest.raises(convert.OnnxVoiceError, match="external files"):
         convert.import_onnx_voice(_graph_file(tmp_path / "ext.onnx", (10, 16), external=True))
-    with pytest.raises(convert.OnnxVoiceError, match=r"filter_length=1000000000 .* outside 1\.\.16384"):
+    with pytest.raises(convert.OnnxVoiceError, match=r"filter_length=1000000000 .* outside 1\.\.65536"):
         convert.import_onnx_voice(v["path"], config=dict(v["config"], audio={"filter_length": 10**9}))
+    # The assembled settings pass the checkpoint bounds too (check_model_config).
+    with pytest.raises(convert.OnnxVoiceError, match=r"invalid model settings: sample_rate=500 is outside \[1000, "):
+        convert.import_onnx_voice(v["path"], config=dict(v["config"], audio={"sample_rate": 500}))
     # A config of another voice.
     with pytest.raises(convert.OnnxVoiceError, match="num_speakers=4, but .* has 1: they do not belong together"):
         convert.import_onnx_voice(v["path"], config=dict(v["config"], num_speakers=4))

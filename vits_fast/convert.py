@@ -53,12 +53,14 @@ _DESCRIPTION = __doc__.split("\n\n")[0]
 
 PathLike = Union[str, Path]
 
-#: Bounds on what a file may ask for (Piper's largest voices use 192 hidden / 768 filter channels, 904 speakers).
+#: Bounds on the sizes read from a graph, checked as each is read, before anything is built from it: a
+#: checkpoint's bounds (:data:`vits_fast.checkpoint.MODEL_LIMITS`, ``AUDIO_LIMITS``, ``MAX_STAGES``) and the
+#: attention's key width. The assembled settings then pass :func:`vits_fast.checkpoint.check_model_config`, as a
+#: checkpoint's do. (Piper's largest voices use 192 hidden / 768 filter channels, 904 speakers.)
 MAX_FILE_BYTES = 2 << 30  # protobuf's own limit
-LIMITS = dict(n_vocab=65536, n_speakers=65536, hidden_channels=1024, inter_channels=1024, filter_channels=4096,
-              gin_channels=1024, n_layers=32, upsample_initial_channel=2048, num_upsamples=8, num_kernels=8,
-              kernel_size=31, k_channels=1024, sample_rate=192000, filter_length=16384, win_length=16384,
-              mel_channels=512)
+LIMITS = {**{key: high for key, (_, high) in {**ckpt_lib.MODEL_LIMITS, **ckpt_lib.AUDIO_LIMITS}.items()},
+          "num_upsamples": ckpt_lib.MAX_STAGES, "num_kernels": ckpt_lib.MAX_STAGES,
+          "k_channels": ckpt_lib.MODEL_LIMITS["hidden_channels"][1]}
 _MAX_CONST_ELEMENTS = 1 << 26  # one evaluated constant (256 MiB in float32)
 _MAX_CONST_DEPTH = 64  # ops on the longest chain from an initializer to a weight
 #: Seed of the fresh parts (posterior encoder, discriminator): a conversion is reproducible.
@@ -652,6 +654,7 @@ def import_onnx_voice(path: PathLike, config: Optional[Union[PathLike, Mapping[s
     hop = math.prod(kwargs["upsample_rates"])
     audio = _audio_settings(config_dict.get("audio"), hop, str(config_path or "the given voice config"))
     kwargs.update(spec_channels=audio.spec_channels, segment_size=8192 // hop)  # Piper's segment: 8192 samples
+    ckpt_lib.check_model_config(kwargs, audio, str(path), error=OnnxVoiceError)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FRESH_SEED)
         model = SynthesizerTrn(**kwargs).eval()
