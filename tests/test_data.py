@@ -45,6 +45,27 @@ def bad_dataset(tmp_path):
     return folder
 
 
+def test_audio_longer_than_the_limit_is_filtered_without_being_read(tmp_path, monkeypatch):
+    folder = _ljspeech(tmp_path, ["short|Short one.", "hour|Pretend to be long."],
+                       {"short": (_tone(0.5, 16000), 16000), "hour": (_tone(3.0, 22050), 22050)})
+    items, _, _ = D.read_dataset(folder)
+    read = []
+    load_audio = D.load_audio
+    monkeypatch.setattr(D, "load_audio", lambda path, rate: read.append(path.name) or load_audio(path, rate))
+    ok, bad, filtered = D.prepare_items(items, AUDIO, tmp_path / "cache", phonemizer=_chars(), num_symbols=256,
+                                        max_audio_seconds=2.5, progress=False)
+    assert [it.id for it in ok] == ["short"] and bad == [] and read == ["short.wav"]  # the long file never loaded
+    assert [(b.id, b.reason) for b in filtered] == [("hour", "3.0 s of audio > --max-audio-seconds 2.5")]
+    # Cached by a run without the limit, it is still filtered by one with it.
+    items, _, _ = D.read_dataset(folder)
+    D.prepare_items(items, AUDIO, tmp_path / "cache", phonemizer=_chars(), num_symbols=256, progress=False)
+    items, _, _ = D.read_dataset(folder)
+    ok, _, filtered = D.prepare_items(items, AUDIO, tmp_path / "cache", phonemizer=_chars(), num_symbols=256,
+                                      max_audio_seconds=1.0, progress=False)
+    assert [it.id for it in ok] == ["short"]
+    assert [(b.id, b.reason) for b in filtered] == [("hour", "3.0 s of audio > --max-audio-seconds 1")]
+
+
 def test_bad_items_are_reported_by_name_and_skipped(bad_dataset, tmp_path, caplog):
     items, bad, info = D.read_dataset(bad_dataset)
     assert info.kind == "ljspeech" and info.num_speakers == 1

@@ -432,6 +432,7 @@ class _PrepResult:
     spec_cache: Optional[str] = None
     num_frames: int = 0
     num_samples: int = 0
+    too_long: bool = False  # longer than the run's audio limit: filtered (logged), not bad
 
 
 def _array(path: Path) -> np.ndarray:
@@ -459,8 +460,10 @@ def _cached_result(index: int, spec_file: Path, audio_file: Path, audio: AudioCo
                        num_frames=int(spec.shape[-1]), num_samples=int(wav.shape[-1]))
 
 
-def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path) -> _PrepResult:
-    """Make sure ``item`` has a cached audio + spectrogram pair and measure it; never raises."""
+def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path,
+                 max_seconds: Optional[float] = None) -> _PrepResult:
+    """Make sure ``item`` has a cached audio + spectrogram pair and measure it; never raises. Audio longer than
+    ``max_seconds`` (from the file's header) is not read."""
     from .mel_processing import spectrogram_torch
 
     where = str(item.audio_path or item.spec_cache or "")
@@ -477,6 +480,13 @@ def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path) ->
         spec_file = cache_dir / key[:2] / f"{key}.spec.npy"
         if audio_file.is_file() and spec_file.is_file():
             return _cached_result(index, spec_file, audio_file, audio, check_values=False)
+        if max_seconds is not None:
+            import soundfile as sf
+
+            info = sf.info(str(item.audio_path))
+            if info.frames > max_seconds * info.samplerate:
+                return _PrepResult(index, False, _too_long(info.frames / info.samplerate, max_seconds), where,
+                                   too_long=True)
         wav = load_audio(item.audio_path, audio.sample_rate)
         if wav.size == 0:
             return _PrepResult(index, False, "audio file has no samples", where)
@@ -500,15 +510,20 @@ def _prepare_one(index: int, item: Item, audio: AudioConfig, cache_dir: Path) ->
                            where)
 
 
+def _too_long(seconds: float, limit: float) -> str:
+    return f"{seconds:.1f} s of audio > --max-audio-seconds {limit:g}"
+
+
 class _PrepTasks(torch.utils.data.Dataset):
-    def __init__(self, items: Sequence[Item], audio: AudioConfig, cache_dir: Path) -> None:
-        self.items, self.audio, self.cache_dir = items, audio, cache_dir
+    def __init__(self, items: Sequence[Item], audio: AudioConfig, cache_dir: Path,
+                 max_seconds: Optional[float]) -> None:
+        self.items, self.audio, self.cache_dir, self.max_seconds = items, audio, cache_dir, max_seconds
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> _PrepResult:
-        return _prepare_one(index, self.items[index], self.audio, self.cache_dir)
+        return _prepare_one(index, self.items[index], self.audio, self.cache_dir, self.max_seconds)
 
 
 def _identity(x: Any) -> Any:
@@ -516,11 +531,14 @@ def _identity(x: Any) -> Any:
 
 
 def prepare_items(items: List[Item], audio: AudioConfig, cache_dir: PathLike, *, phonemizer: Optional[Phonemizer],
-                  num_symbols: int, max_phoneme_ids: Optional[int] = None, num_workers: int = 0,
-                  progress: bool = True, timeout: float = 600.0) -> Tuple[List[Item], List[BadItem], List[BadItem]]:
+                  num_symbols: int, max_phoneme_ids: Optional[int] = None, max_audio_seconds: Optional[float] = None,
+                  num_workers: int = 0, progress: bool = True,
+                  timeout: float = 600.0) -> Tuple[List[Item], List[BadItem], List[BadItem]]:
     """Phonemise, validate and cache every item.
 
-    Returns (usable items with cache paths and frame counts, bad items, filtered items). Phonemes are cached
+    Returns (usable items with cache paths and frame counts, bad items, filtered items: more than
+    ``max_phoneme_ids`` ids or ``max_audio_seconds`` of audio, the latter read from the file's header, so that a
+    long file is never loaded). Phonemes are cached
     in ``cache_dir/phonemes-<kind>-<voice>.json``. Audio work runs in ``num_workers`` processes (0: here)
     with a tqdm bar; a worker that dies or stalls past ``timeout`` seconds raises instead of hanging.
     """
@@ -575,7 +593,7 @@ def prepare_items(items: List[Item], audio: AudioConfig, cache_dir: PathLike, *,
             candidates.append(it)
 
     # 3. Audio cache, in parallel.
-    tasks = _PrepTasks(candidates, audio, cache_dir)
+    tasks = _PrepTasks(candidates, audio, cache_dir, max_audio_seconds)
     loader = torch.utils.data.DataLoader(tasks, batch_size=None, shuffle=False, num_workers=num_workers,
                                          collate_fn=_identity, timeout=timeout if num_workers > 0 else 0)
     results: List[_PrepResult] = []
@@ -585,7 +603,10 @@ def prepare_items(items: List[Item], audio: AudioConfig, cache_dir: PathLike, *,
     for res in sorted(results, key=lambda r: r.index):
         it = candidates[res.index]
         if not res.ok:
-            bad.append(BadItem(it.id, res.path, res.reason))
+            (filtered if res.too_long else bad).append(BadItem(it.id, res.path, res.reason))
+            continue
+        if max_audio_seconds is not None and res.num_samples > max_audio_seconds * audio.sample_rate:  # cached
+            filtered.append(BadItem(it.id, res.path, _too_long(res.num_samples / audio.sample_rate, max_audio_seconds)))
             continue
         it.audio_cache = Path(res.audio_cache)
         it.spec_cache = Path(res.spec_cache)

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: piper-tts's espeak-ng if installed, else characters (with a warning)")
     d.add_argument("--espeak-voice", default=None, help="default: the dataset config's, else en-us")
     d.add_argument("--max-phoneme-ids", type=number(int, low=1), default=None, help="leave out longer utterances (logged)")
+    d.add_argument("--max-audio-seconds", type=number(float, low=0, high=3600, low_inclusive=False), default=60.0,
+                   help="leave out utterances with more audio (logged; read from the file header, so a long file is "
+                        "never loaded): the alignment search and the posterior encoder see the whole utterance")
     d.add_argument("--on-bad-item", choices=("skip", "fail"), default="skip",
                    help="missing/corrupt/empty items: skip them (each is logged by name) or stop")
     d.add_argument("--num-workers", type=number(int, low=0), default=None,

@@ -377,6 +377,7 @@ class Trainer:
         ok, bad2, filtered = prepare_items(items, self.audio, cache_dir, phonemizer=phonemizer,
                                            num_symbols=self.model_kwargs["n_vocab"],
                                            max_phoneme_ids=args.max_phoneme_ids,
+                                           max_audio_seconds=args.max_audio_seconds,
                                            num_workers=prep_workers if self.is_main else 0,
                                            progress=self.is_main and not args.no_progress)
         if self.distributed and self.is_main:
