@@ -39,6 +39,7 @@ from __future__ import annotations
 import _codecs
 import _compat_pickle
 import collections
+import copy
 import copyreg
 import hashlib
 import inspect
@@ -557,8 +558,10 @@ def lightning_loops(version: str, *, epoch: int, batches: int, batch_in_epoch: i
                     scheduler_steps: int = 0) -> Dict[str, Any]:
     """The ``loops`` entry Lightning restores a fit from, in the layout of Lightning ``version`` (1.x: the
     ``batch_loop`` nesting; 2.x: flat), for ``batches`` trained batches of which ``batch_in_epoch`` in the
-    current ``epoch``, and ``scheduler_steps`` learning-rate scheduler steps. Both the automatic (rhasspy Piper) and manual (piper1-gpl) optimizer-step counters hold
-    ``batches *`` :data:`OPTIMIZER_STEPS_PER_BATCH`, so ``trainer.global_step`` resumes right in either mode."""
+    current ``epoch``, and ``scheduler_steps`` learning-rate scheduler steps. Both the automatic (rhasspy Piper)
+    and the manual (piper1-gpl) optimizer-step counters hold ``batches *`` :data:`OPTIMIZER_STEPS_PER_BATCH`, so
+    ``trainer.global_step`` resumes right in either mode. The keys are those the two trainers' own files hold
+    (``tests/test_piper_compat.py`` compares them)."""
     steps = batches * OPTIMIZER_STEPS_PER_BATCH
     batch_progress = _progress(batches)
     for part in ("ready", "completed", "started", "processed"):
@@ -573,8 +576,9 @@ def lightning_loops(version: str, *, epoch: int, batches: int, batch_in_epoch: i
                            "epoch_loop.scheduler_progress": _progress(scheduler_steps, started=False, processed=False),
                            "epoch_loop.state_dict": {"_batches_that_stepped": batches},
                            "epoch_progress": _progress(epoch), "state_dict": {}}
+    idle_loop = {"batch_progress": dict(idle), "state_dict": {}}
     if str(version).startswith("1."):
-        auto["optimizer_position"] = 0
+        auto["optimizer_position"] = OPTIMIZER_STEPS_PER_BATCH  # both optimizers of the batch done, as 1.7 writes
         fit.update({"epoch_loop.batch_loop.optimizer_loop.optim_progress": auto,
                     "epoch_loop.batch_loop.optimizer_loop.state_dict": {},
                     "epoch_loop.batch_loop.manual_loop.optim_step_progress": manual,
@@ -584,21 +588,18 @@ def lightning_loops(version: str, *, epoch: int, batches: int, batch_in_epoch: i
                     "epoch_loop.val_loop.epoch_loop.batch_progress": idle,
                     "epoch_loop.val_loop.epoch_loop.state_dict": {},
                     "epoch_loop.val_loop.state_dict": {}})
-        loops = {"fit_loop": fit}
-        for name in ("validate_loop", "test_loop", "predict_loop"):
-            batches_idle = idle if name != "predict_loop" else _progress(0)
-            loops[name] = {"dataloader_progress": _progress(0, started=False, processed=False),
-                           "epoch_loop.batch_progress": dict(batches_idle), "epoch_loop.state_dict": {},
-                           "state_dict": {}}
-        return loops
-    fit.update({"epoch_loop.automatic_optimization.optim_progress": auto,
-                "epoch_loop.automatic_optimization.state_dict": {},
-                "epoch_loop.manual_optimization.optim_step_progress": manual,
-                "epoch_loop.manual_optimization.state_dict": {},
-                "epoch_loop.val_loop.batch_progress": idle, "epoch_loop.val_loop.state_dict": {}})
-    loops = {"fit_loop": fit}
-    for name in ("validate_loop", "test_loop", "predict_loop"):
-        loops[name] = {"batch_progress": dict(idle if name != "predict_loop" else _progress(0)), "state_dict": {}}
+        idle_loop = {"dataloader_progress": _progress(0, started=False, processed=False),
+                     "epoch_loop.batch_progress": dict(idle), "epoch_loop.state_dict": {}, "state_dict": {}}
+    else:
+        fit.update({"epoch_loop.automatic_optimization.optim_progress": auto,
+                    "epoch_loop.automatic_optimization.state_dict": {},
+                    "epoch_loop.manual_optimization.optim_step_progress": manual,
+                    "epoch_loop.manual_optimization.state_dict": {},
+                    "epoch_loop.val_loop.batch_progress": idle, "epoch_loop.val_loop.state_dict": {}})
+    loops = {"fit_loop": fit, "validate_loop": idle_loop, "test_loop": copy.deepcopy(idle_loop),
+             "predict_loop": copy.deepcopy(idle_loop)}
+    predict = loops["predict_loop"]  # Lightning's prediction progress has no is_last_batch
+    predict.get("batch_progress", predict.get("epoch_loop.batch_progress")).pop("is_last_batch")
     return loops
 
 
