@@ -187,7 +187,11 @@ def test_convert_round_trip(voices, name, tmp_path, capsys):
     # Nothing is overwritten unasked.
     before = out.read_bytes()
     assert convert.main([str(v["path"]), str(out)]) == 1
-    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    # Not even with --overwrite when the output is the voice itself.
+    voice_bytes = v["path"].read_bytes()
+    assert convert.main([str(v["path"]), str(v["path"]), "--overwrite"]) == 1
+    assert "input" in capsys.readouterr().err and v["path"].read_bytes() == voice_bytes
 
 
 def test_synthesize_cli_reads_onnx(voices, tmp_path):

@@ -1,6 +1,6 @@
 """Import a published Piper ONNX voice back into a SynthesizerTrn, and write it as a Piper checkpoint.
 
-``python -m vits_fast.convert VOICE.onnx OUT.ckpt [--config VOICE.onnx.json] [--force]``
+``python -m vits_fast.convert VOICE.onnx OUT.ckpt [--config VOICE.onnx.json] [--overwrite]``
 
 Most Piper voices exist only as ``VOICE.onnx`` + ``VOICE.onnx.json``. :func:`import_onnx_voice` rebuilds the
 generator from the graph; :func:`onnx_checkpoint` wraps it in Piper's (Lightning) checkpoint layout, with weight
@@ -43,6 +43,7 @@ from . import checkpoint as ckpt_lib
 from .attentions import MultiHeadAttention
 from .backend import backend
 from .config import AudioConfig
+from .guards import OverwriteError, refuse_overwrite
 from .inference import Voice
 from .voice_config import VoiceError, load_voice_config, onnx_config_path
 from .models import MultiPeriodDiscriminator, SynthesizerTrn
@@ -722,7 +723,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="checkpoint to write (.ckpt, Piper layout); config.json is written beside it "
                                   "unless one is there")
     p.add_argument("--config", help="the voice config (default: VOICE.onnx.json)")
-    p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never one of the inputs)")
     return p
 
 
@@ -732,21 +733,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     output = Path(args.output)
     try:
-        if output.exists() and not args.force:
-            raise OnnxVoiceError(f"{output} exists; pass --force to overwrite it")
+        config_src = Path(args.config) if args.config else onnx_config_path(Path(args.voice))
+        refuse_overwrite([output], [args.voice, config_src])
+        if output.exists() and not args.overwrite:
+            raise OnnxVoiceError(f"{output} exists; pass --overwrite to replace it")
         ckpt = onnx_checkpoint(args.voice, args.config)
         ckpt_lib.atomic_save(ckpt, output)
         g, d = ckpt_lib.generator_state(ckpt)
         print(f"wrote {output}: {len(g)} generator tensors (fresh: {', '.join(ckpt['vits_fast']['fresh'])}), "
               f"{len(d)} discriminator tensors (fresh)", file=sys.stderr)
-        config_src = Path(args.config) if args.config else onnx_config_path(Path(args.voice))
         config_out = output.parent / "config.json"
         if config_out.exists():
             print(f"kept the existing {config_out}; the voice's config is {config_src}", file=sys.stderr)
         else:
             shutil.copyfile(config_src, config_out)
             print(f"wrote {config_out} (a copy of {config_src})", file=sys.stderr)
-    except (ckpt_lib.CheckpointError, OSError) as exc:
+    except (ckpt_lib.CheckpointError, OverwriteError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
