@@ -31,9 +31,11 @@ from vits_fast.data import DataError, Phonemizer, read_dataset
 from vits_fast.voice_config import default_phoneme_id_map
 from vits_fast.guards import OverwriteError
 from vits_fast.synthesize import main as synthesize_main
-from tests._util import randomised
+from tests._util import one_thread, randomised  # noqa: F401  (one_thread: a fixture)
 from tests.test_synthesize_cli import AUDIO, LSB, ZERO, voices  # noqa: F401  (fixture)
-from tests.test_train import _args, _one_thread, _trainer, cache_dir, corpus  # noqa: F401  (fixtures)
+from tests.test_train import _args, _trainer, cache_dir, corpus  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _snapshot(*roots):

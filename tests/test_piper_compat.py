@@ -24,7 +24,10 @@ pytest.importorskip("librosa")
 from vits_fast import checkpoint as ck  # noqa: E402
 from vits_fast.monotonic_align import core as vits_fast_mas  # noqa: E402
 
-from .test_train import _args, _one_thread, _trainer, cache_dir, corpus  # noqa: E402,F401  (fixtures)
+from .test_train import _args, _trainer, cache_dir, corpus  # noqa: E402,F401  (fixtures)
+from tests._util import one_thread  # noqa: E402,F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 _SHIM = "piper.train.vits.monotonic_align.monotonic_align"
 sys.modules.setdefault(_SHIM, types.ModuleType(_SHIM))

@@ -23,13 +23,10 @@ from vits_fast.config import shrink_discriminator, tiny_model_kwargs
 from vits_fast.data import CORPUS_DIR, DataError
 from vits_fast.models import MultiPeriodDiscriminator, SynthesizerTrn
 
+from tests._util import one_thread  # noqa: F401  (fixture)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
