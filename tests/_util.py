@@ -7,12 +7,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def randomised(module, seed=0, scale=0.2):
-    """Fill every parameter with seeded random values (zero-initialised projections would hide bugs); eval mode."""
+def randomised(module, seed=0, scale=0.2, dtype=torch.float32):
+    """Fill every parameter with seeded random values drawn in ``dtype`` (zero-initialised projections would hide
+    bugs); eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * scale)
     return module.eval()
 
 

@@ -17,7 +17,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from tests._numerics import assert_matches_reference
-from tests._util import FusedOps
+from tests._util import FusedOps, randomised
 from vits_fast.backend import backend, interpreter_enabled
 from vits_fast.kernels import coupling
 
@@ -215,13 +215,9 @@ def test_no_host_sync_on_cuda():
 # modules
 
 
-def _randomise(module, seed, std=0.3):
+def _randomise(module, seed):
     """Random weights everywhere (``post`` is zero-initialised, which would make the coupling the identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return module
+    return randomised(module, seed, scale=0.3)
 
 
 def _inputs(b, c, t, lengths, gin, seed):

@@ -29,7 +29,7 @@ import torch
 
 from tests._numerics import (assert_all_match_reference, assert_same_gradients,
                              check_low_precision)
-from tests._util import FusedOps, graph_recorder, one_thread  # noqa: F401 (fixture)
+from tests._util import FusedOps, graph_recorder, one_thread, randomised  # noqa: F401 (fixture)
 
 import vits_fast
 from vits_fast.backend import backend
@@ -46,12 +46,8 @@ pytestmark = pytest.mark.usefixtures("one_thread", "poisoned_outputs")
 
 
 def _randomise(m, seed):
-    """Seeded float64 draws for every parameter (``tests._util.randomised`` draws fp32: other values)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
-    return m
+    """Seeded float64 draws for every parameter."""
+    return randomised(m, seed, scale=0.3, dtype=torch.float64)
 
 
 def _mask(lengths, t, dtype=torch.float64):
