@@ -79,3 +79,42 @@ def test_context_is_thread_local():
         t.start()
         t.join()
     assert seen["other"] == B.current_backend()  # the other thread never saw this thread's block
+
+
+def _device_like(monkeypatch):
+    """CPU tensors count as device tensors for ``auto`` (what it sees on a GPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(B, "triton_importable", lambda: True)
+    monkeypatch.setattr(B, "_AUDIT_AS_DEVICE", True)
+
+
+def test_auto_follows_the_family_table(monkeypatch):
+    from vits_fast.models import Generator
+    from vits_fast.modules import ConvFlow, ResBlock2, ResidualCouplingLayer
+
+    _device_like(monkeypatch)
+    gen = Generator(8, 1, [3], [[1, 3]], [2], 8, [4])
+    cases = [(WN(4, 3, 1, 2), False), (ResidualCouplingLayer(4, 4, 3, 1, 2), False), (ConvFlow(4, 4, 3, 2), True),
+             (ResBlock2(4), False)]
+    for module, fused in cases:
+        assert B.AUTO_FUSED_FROM[module.fused_family] is None or fused  # the table says so
+        with vits_fast.backend("auto"):
+            assert B.use_triton(torch.randn(2, 4, 9), module=module) is fused, type(module).__name__
+        with vits_fast.backend("triton"):
+            assert B.use_triton(torch.randn(2, 4, 9), module=module) is True  # triton forces every family
+    start = B.AUTO_FUSED_FROM["hifigan"]
+    with vits_fast.backend("auto"):
+        assert B.use_triton(torch.randn(4, 8, start // 4 - 1), module=gen) is False  # batch x time below the rule
+        assert B.use_triton(torch.randn(4, 8, start // 4), module=gen) is True
+        assert B.use_triton(torch.randn(2, 3, 1), family="mas") is True
+        assert B.use_triton(torch.randn(2, 3)) is True  # no family: every fused op where tensors allow
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert B.use_triton(torch.randn(1, 8, 1), module=gen) is True  # compiled: no per-call host cost
+
+
+def test_every_fused_family_has_an_auto_rule():
+    from vits_fast import models, modules
+
+    families = {cls.fused_family for mod in (models, modules) for cls in vars(mod).values()
+                if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(cls, "fused_family")}
+    assert families | {"mas"} == set(B.AUTO_FUSED_FROM)

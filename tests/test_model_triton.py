@@ -87,3 +87,47 @@ def test_cuda_training_forward_never_synchronises():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert out[0].is_cuda
+
+
+def _fused_ops_under_auto(run):
+    """The ``vits_fast::`` ops ``run()`` dispatches under backend ``auto``, CPU tensors counting as device tensors
+    (what ``auto`` sees on a GPU; the kernels run in the interpreter)."""
+    from tests._util import FusedOps
+    from vits_fast.backend import host_as_device
+
+    with host_as_device(), FusedOps() as ops:
+        out = run()
+    return out, {name for name in ops.counts if not name.endswith("_bwd")}
+
+
+def test_auto_fuses_only_the_families_that_pay_in_training():
+    """Training under ``auto``: the alignment search and the duration predictor's splines fused, the WaveNet,
+    coupling and decoder families on the reference path (``AUTO_FUSED_FROM``), with the reference's loss."""
+    model, batch = _model_and_batch("cpu")
+    ref_loss, ref_attn, _ = _train_pass(model, batch, "reference")
+    (loss, attn, _), fused = _fused_ops_under_auto(lambda: _train_pass(model, batch, "auto"))
+    assert fused == {"maximum_path", "rq_spline_coupling"}
+    assert torch.equal(attn, ref_attn)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_fuses_the_decoder_from_its_size_rule(monkeypatch):
+    """Synthesis under ``auto``: a decoder call below ``AUTO_FUSED_FROM['hifigan']`` frames (batch x time) runs
+    the reference decoder, one at or above it the fused one, with the same audio."""
+    import importlib
+
+    B = importlib.import_module("vits_fast.backend")  # the module (vits_fast.backend is the context manager)
+    model, (x, x_lengths, _, _, sid) = _model_and_batch("cpu")
+    model.eval()
+
+    def infer():
+        torch.manual_seed(3)
+        with torch.no_grad(), vits_fast.backend("auto"):
+            return model.infer(x, x_lengths, sid=sid, noise_scale=0.0, noise_scale_w=0.0)[0]
+
+    small, fused = _fused_ops_under_auto(infer)
+    assert not any(name.startswith("hifigan_") for name in fused)
+    monkeypatch.setitem(B.AUTO_FUSED_FROM, "hifigan", int(x.shape[0]))  # one frame per item reaches the rule
+    large, fused = _fused_ops_under_auto(infer)
+    assert {"hifigan_act", "hifigan_mrf"} <= fused
+    torch.testing.assert_close(large, small, rtol=1e-4, atol=1e-5)

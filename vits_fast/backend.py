@@ -7,9 +7,10 @@ The backend is resolved at call time, most specific first:
 3. the ``VITS_FAST_BACKEND`` environment variable,
 4. ``"auto"``.
 
-``auto`` uses Triton only when every tensor involved is on CUDA and Triton imports. ``reference`` never uses
-it. ``triton`` insists: where Triton cannot run it raises :class:`BackendError` instead of falling back
-silently. CPU tensors run Triton only under the interpreter (``TRITON_INTERPRET=1``, set before Triton is
+``auto`` uses Triton only when every tensor involved is on CUDA and Triton imports, and then, in eager
+execution, only for the kernel families that pay there (:data:`AUTO_FUSED_FROM`: measured on a GPU, or estimated
+by the cost model where no measurement exists yet). ``reference`` never uses it. ``triton`` insists on every
+family: where Triton cannot run it raises :class:`BackendError` instead of falling back silently. CPU tensors run Triton only under the interpreter (``TRITON_INTERPRET=1``, set before Triton is
 imported), which is how the test-suite checks kernels on machines without a GPU. ONNX export, TorchScript
 and tracing always take the reference path.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -100,7 +101,8 @@ def on_host(t: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def host_as_device() -> Iterator[None]:
-    """For the sync audit only: within the block, :func:`on_host` is False for CPU tensors too."""
+    """For the sync audit and the cost model: within the block, :func:`on_host` is False for CPU tensors too, and
+    ``auto`` treats them as device tensors where the Triton interpreter is on."""
     global _AUDIT_AS_DEVICE
     before, _AUDIT_AS_DEVICE = _AUDIT_AS_DEVICE, True
     try:
@@ -127,11 +129,39 @@ def eager() -> bool:
     return not (_exporting() or torch.compiler.is_compiling())
 
 
-def use_triton(*tensors: torch.Tensor, module: Optional[nn.Module] = None) -> bool:
+#: What ``auto`` runs fused in eager execution, per kernel family (a module's ``fused_family``): the work, in
+#: frames (batch x time of the module's input), from which the family's kernels run; ``None``: never (backend
+#: ``triton`` still forces them). The fused kernels move their bytes at 90-117 % of the copy ceiling, but each
+#: custom-op call costs ~0.2 ms of host time on the measured host, so a family pays only where it removes host
+#: synchronisations or enough bytes. Sources: ``benchmarks/RESULTS.md``, GPU run 1 (H200, medium, fp32), and for
+#: the decoder the cost model (``benchmarks/ESTIMATES.md``).
+AUTO_FUSED_FROM: Dict[str, Optional[int]] = {
+    "mas": 0,          # alignment search: 19-83x the NumPy search, 1.4-9.8x the Cython one (measured)
+    "spline": 0,       # duration predictor's spline flows: 2.3x forward + backward, no host syncs (measured)
+    "wn": None,        # WaveNet stack: 0.65x forward + backward at B=32, T=800 (measured; host-bound)
+    "coupling": None,  # coupling flows: 0.76x forward + backward at B=32, T=800 (measured; host-bound)
+    # HiFi-GAN decoder (the Generator): ESTIMATE, not measured -- the fused decoder pays in synthesis from
+    # ~13 x 320 frames (cost model, H100: reference decoder better at 3840 frames, fused at 4480); a training
+    # window (32 x 32 frames) and batch-1 synthesis stay on the reference decoder.
+    "hifigan": 4096,
+    "resblock": None,  # a ResBlock on its own; inside a fused Generator its work is fused with the Generator's
+}
+
+
+def _auto_fuses(family: Optional[str], x: torch.Tensor) -> bool:
+    """``auto``'s choice for a call of ``family`` on ``x`` [B, ..., T] (tensors already on a device)."""
+    if family is None or not eager() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return True  # no family rule, or compiled/captured: the per-call host cost is not paid per call
+    start = AUTO_FUSED_FROM[family]
+    return start is not None and x.shape[0] * x.shape[-1] >= start
+
+
+def use_triton(*tensors: torch.Tensor, module: Optional[nn.Module] = None, family: Optional[str] = None) -> bool:
     """Decide whether a fused op runs its Triton kernel for these tensors.
 
-    Returns ``False`` for the reference path. Raises :class:`BackendError` when ``triton`` was asked for
-    and cannot run (Triton not importable, or CPU tensors without the interpreter).
+    ``family`` (default: ``module.fused_family``) selects ``auto``'s rule in :data:`AUTO_FUSED_FROM`. Returns
+    ``False`` for the reference path. Raises :class:`BackendError` when ``triton`` was asked for and cannot run
+    (Triton not importable, or CPU tensors without the interpreter).
     """
     name = getattr(module, "backend", None) if module is not None else None
     name = _check(name, f"{type(module).__name__}.backend") if name is not None else current_backend()
@@ -139,7 +169,9 @@ def use_triton(*tensors: torch.Tensor, module: Optional[nn.Module] = None) -> bo
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if name == "auto":
-        return on_cuda and triton_importable()
+        on_device = on_cuda or (_AUDIT_AS_DEVICE and interpreter_enabled())
+        return (on_device and triton_importable()
+                and _auto_fuses(family or getattr(module, "fused_family", None), tensors[0]))
     if not triton_importable():
         raise BackendError("backend 'triton' was requested but `import triton` fails; install triton "
                            "or use backend 'auto'/'reference'")

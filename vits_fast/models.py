@@ -189,6 +189,8 @@ class ResidualCouplingBlock(nn.Module):
     forward(x [b, c, t], x_mask [b, 1, t], g=None, reverse=False) -> [b, c, t]
     """
 
+    fused_family = "coupling"  # auto's rule: vits_fast.backend.AUTO_FUSED_FROM
+
     def __init__(self, channels: int, hidden_channels: int, kernel_size: int, dilation_rate: int, n_layers: int,
                  n_flows: int = 4, gin_channels: int = 0):
         super().__init__()
@@ -253,6 +255,8 @@ class PosteriorEncoder(nn.Module):
 
 class Generator(nn.Module):
     """HiFi-GAN decoder: latent [b, c, t] -> waveform [b, 1, t * prod(upsample_rates)]."""
+
+    fused_family = "hifigan"  # auto's rule: vits_fast.backend.AUTO_FUSED_FROM
 
     def __init__(self, initial_channel: int, resblock: Optional[str], resblock_kernel_sizes: Tuple[int, ...],
                  resblock_dilation_sizes: Tuple[Tuple[int, ...], ...], upsample_rates: Tuple[int, ...],

@@ -110,6 +110,8 @@ class WN(nn.Module):
     forward(x [b, h, t], x_mask [b, 1, t], g [b, gin, 1] or None) -> [b, h, t]
     """
 
+    fused_family = "wn"  # auto's rule: vits_fast.backend.AUTO_FUSED_FROM
+
     def __init__(self, hidden_channels: int, kernel_size: int, dilation_rate: int, n_layers: int,
                  gin_channels: int = 0, p_dropout: float = 0):
         super().__init__()
@@ -175,6 +177,8 @@ def _dilated_conv(channels: int, kernel_size: int, dilation: int) -> nn.Module:
 class ResBlock1(nn.Module):
     """HiFi-GAN residual block V1: three (dilated conv, conv) pairs."""
 
+    fused_family = "resblock"  # auto's rule: vits_fast.backend.AUTO_FUSED_FROM
+
     def __init__(self, channels: int, kernel_size: int = 3, dilation: Tuple[int, ...] = (1, 3, 5)):
         super().__init__()
         self.LRELU_SLOPE = LRELU_SLOPE
@@ -205,6 +209,8 @@ class ResBlock1(nn.Module):
 
 class ResBlock2(nn.Module):
     """HiFi-GAN residual block V2: two dilated convs."""
+
+    fused_family = "resblock"  # auto's rule: vits_fast.backend.AUTO_FUSED_FROM
 
     def __init__(self, channels: int, kernel_size: int = 3, dilation: Tuple[int, ...] = (1, 3)):
         super().__init__()
@@ -271,6 +277,8 @@ class ResidualCouplingLayer(nn.Module):
     forward(x [b, c, t], x_mask [b, 1, t], g=None, reverse=False) -> (x', logdet [b]) or x' when reversed.
     """
 
+    fused_family = "coupling"  # auto's rule: vits_fast.backend.AUTO_FUSED_FROM
+
     def __init__(self, channels: int, hidden_channels: int, kernel_size: int, dilation_rate: int, n_layers: int,
                  p_dropout: float = 0, gin_channels: int = 0, mean_only: bool = False):
         if channels % 2 != 0:
@@ -316,6 +324,8 @@ class ConvFlow(nn.Module):
 
     forward(x [b, c, t], x_mask [b, 1, t], g [b, filter, t] or None, reverse=False) -> (x', logdet [b]) or x'.
     """
+
+    fused_family = "spline"  # auto's rule: vits_fast.backend.AUTO_FUSED_FROM
 
     def __init__(self, in_channels: int, filter_channels: int, kernel_size: int, n_layers: int,
                  num_bins: int = 10, tail_bound: float = 5.0):

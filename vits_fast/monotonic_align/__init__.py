@@ -158,7 +158,7 @@ def _maximum_path(neg_cent, mask, x_lengths, y_lengths, return_durations):
 
     from ..backend import current_backend, on_host, use_triton
 
-    on_triton = use_triton(neg_cent)
+    on_triton = use_triton(neg_cent, family="mas")
     if on_triton:
         from ..kernels import mas
 
