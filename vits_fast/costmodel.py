@@ -143,7 +143,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -580,6 +580,10 @@ def _host_mas_stub(recorder: _Recorder):
 #: Workloads the cost model runs (``kernel:mas`` checks its CPU mask's values on the host, which fake data cannot).
 ESTIMATE_WORKLOADS = ("train-step", "infer", "kernel:wn", "kernel:coupling", "kernel:spline")
 
+#: The paths a workload is traced on and the backend each runs: the reference, every fused family (``triton``),
+#: and the default (``auto``: the families :data:`vits_fast.backend.AUTO_FUSED_FROM` picks for these shapes).
+PATHS = {"reference": "reference", "fused": "triton", "default": "auto"}
+
 
 def _init_optimizer_state(*optimizers: torch.optim.Optimizer) -> None:
     """Create the optimizers' lazy state (first-step only work) before recording: one step on zero gradients."""
@@ -596,7 +600,7 @@ class Trace:
     """The recorded ops of one fake run of a workload on one path."""
 
     workload: str
-    path: str            # "reference" or "fused"
+    path: str            # a key of PATHS
     ops: List[Op]
     assumptions: List[str]
     stages: Tuple[str, ...]
@@ -606,18 +610,18 @@ def trace_workload(workload: str, config: str, sizes, path: str, precision: str 
                    frames_per_id: float = 2.0) -> Trace:
     """Run ``workload`` (one of :data:`ESTIMATE_WORKLOADS`) once on fake CPU tensors and record its ops.
 
-    ``path``: ``reference`` or ``fused`` (backend ``triton``). ``sizes``: :class:`vits_fast.profile.Sizes`.
+    ``path``: a key of :data:`PATHS`. ``sizes``: :class:`vits_fast.profile.Sizes`.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.module_tracker import ModuleTracker
 
     from . import profile as prof
 
-    if path not in ("reference", "fused"):
-        raise ValueError(f"path must be 'reference' or 'fused', got {path!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {tuple(PATHS)}, got {path!r}")
     if workload not in ESTIMATE_WORKLOADS:
         raise ValueError(f"--estimate supports the workloads {ESTIMATE_WORKLOADS}, got {workload!r}")
-    backend = "triton" if path == "fused" else "reference"
+    backend = PATHS[path]
     step, stages = prof.build_workload(workload, config, sizes, torch.device("cpu"), backend=backend,
                                        precision=precision)
     optimizers = [o for o in vars(step).values() if isinstance(o, torch.optim.Optimizer)] if hasattr(
@@ -842,8 +846,9 @@ def _pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:5.1f}%" if whole else "    -"
 
 
-def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) -> str:
-    """The printed report of :func:`estimate` (every number labelled as an estimate)."""
+def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str, default: Optional[Trace] = None) -> str:
+    """The printed report of :func:`estimate` (every number labelled as an estimate); the per-stage table and the
+    step line include ``default`` when given."""
     ms = 1e3
     lines = [f"vits_fast cost model -- ESTIMATE, not a measurement: {title}",
              f"constants: {c.device} ({c.source}); copy {c.copy_bytes_per_s / 1e12:.2f} TB/s; matmul TFLOP/s "
@@ -853,16 +858,19 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
              + f"; device floor {c.kernel_floor_s * 1e6:.1f} us/kernel; host: aten op {c.aten_op_s * 1e6:.1f} us, "
              f"autograd op {c.autograd_op_s * 1e6:.1f} us, inference-mode op {c.inference_op_s * 1e6:.1f} us, "
              f"custom op {c.custom_op_s * 1e6:.1f} us + Triton launch {c.triton_launch_s * 1e6:.1f} us", ""]
-    ref_stages = {s.name: s for s in stage_estimates(reference)}
-    fus_stages = {s.name: s for s in stage_estimates(fused)}
-    order = [n for n in dict.fromkeys(list(reference.stages) + sorted(set(ref_stages) | set(fus_stages)))
-             if n in ref_stages or n in fus_stages]
-    t_ref, t_fus = step_s(reference), step_s(fused)
+    traces = [reference, fused] + ([default] if default is not None else [])
+    per_path = [{s.name: s for s in stage_estimates(t)} for t in traces]
+    order = [n for n in dict.fromkeys(list(reference.stages) + sorted(set().union(*per_path)))
+             if any(n in st for st in per_path)]
+    totals = [step_s(t) for t in traces]
     lines.append(f"Per stage ({EST}, ms per call of the workload; device = kernel time, host = dispatch + launch "
                  "time; stage = max(device, host) between host syncs)")
+    lines.append("paths: reference = backend 'reference'; fused = every fused family (backend 'triton')"
+                 + ("; default = backend 'auto' (the families vits_fast.backend.AUTO_FUSED_FROM picks)"
+                    if default is not None else ""))
     side = f"{'ops':>6}{'syncs':>6}{'device':>9}{'host':>9}{'stage':>9}{'share':>7}"
-    head = f"{'stage':<26}|{'reference':^46}|{'fused':^46}"
-    sub = f"{'':<26}|{side}|{side}"
+    head = f"{'stage':<26}" + "".join(f"|{t.path:^46}" for t in traces)
+    sub = f"{'':<26}" + f"|{side}" * len(traces)
     lines += [head, sub, "-" * len(sub)]
     empty = StageEstimate("", 0, 0, 0, 0.0, 0.0, 0.0)
 
@@ -871,18 +879,19 @@ def format_estimate(reference: Trace, fused: Trace, c: Constants, title: str) ->
                 f"{_pct(s.time_s, total):>7}")
 
     for name in order:
-        lines.append(f"{name:<26}|{cells(ref_stages.get(name, empty), t_ref)}|"
-                     f"{cells(fus_stages.get(name, empty), t_fus)}")
-    tot_r, tot_f = (StageEstimate("", sum(s.ops for s in st.values()), 0, sum(s.syncs for s in st.values()),
-                                  sum(s.device_s for s in st.values()), sum(s.host_s for s in st.values()), t)
-                    for st, t in ((ref_stages, t_ref), (fus_stages, t_fus)))
+        lines.append(f"{name:<26}" + "".join(f"|{cells(st.get(name, empty), t)}" for st, t in zip(per_path, totals)))
     lines.append("-" * len(sub))
-    lines.append(f"{'sum (estimate)':<26}|{tot_r.ops:>6}{tot_r.syncs:>6}{tot_r.device_s * ms:>9.2f}"
-                 f"{tot_r.host_s * ms:>9.2f}{t_ref * ms:>9.2f}{'':>7}|{tot_f.ops:>6}{tot_f.syncs:>6}"
-                 f"{tot_f.device_s * ms:>9.2f}{tot_f.host_s * ms:>9.2f}{t_fus * ms:>9.2f}")
+    sums = [StageEstimate("", sum(s.ops for s in st.values()), 0, sum(s.syncs for s in st.values()),
+                          sum(s.device_s for s in st.values()), sum(s.host_s for s in st.values()), t)
+            for st, t in zip(per_path, totals)]
+    lines.append(f"{'sum (estimate)':<26}" + "".join(
+        f"|{s.ops:>6}{s.syncs:>6}{s.device_s * ms:>9.2f}{s.host_s * ms:>9.2f}{s.time_s * ms:>9.2f}{'':>7}"
+        for s in sums))
+    t_ref = totals[0]
     share, ceiling = amdahl(reference, fused)
-    lines += ["", f"Estimated step: reference {t_ref * ms:.2f} ms, fused {t_fus * ms:.2f} ms; estimated step ratio "
-              f"reference / fused = {t_ref / t_fus:.2f}x (estimate)",
+    lines += ["", "Estimated step: " + ", ".join(f"{t.path} {v * ms:.2f} ms" for t, v in zip(traces, totals))
+              + "; estimated step ratio " + ", ".join(f"reference / {t.path} = {t_ref / v:.2f}x"
+                                                     for t, v in zip(traces[1:], totals[1:])) + " (estimate)",
               f"Amdahl ceiling (estimate): the ops the fused families replace (non-GEMM ops inside the modules and "
               f"stages that call a vits_fast:: op) take {100 * share:.1f}% of the reference step; fusing them away "
               f"entirely could give at most {ceiling:.2f}x.", ""]
@@ -957,15 +966,15 @@ def constants_from_args(args: argparse.Namespace) -> Constants:
 
 
 def estimate(workload: str, config: str, sizes, c: Constants, precision: str = "fp32",
-             frames_per_id: float = 2.0) -> Tuple[Trace, Trace]:
-    """(reference, fused) traces of ``workload``, every op estimated with ``c``."""
+             frames_per_id: float = 2.0) -> Tuple[Trace, Trace, Trace]:
+    """(reference, fused, default) traces of ``workload`` (see :data:`PATHS`), every op estimated with ``c``."""
     traces = []
-    for path in ("reference", "fused"):
+    for path in PATHS:
         t = trace_workload(workload, config, sizes, path, precision, frames_per_id)
         for op in t.ops:
             estimate_op(op, c)
         traces.append(t)
-    return traces[0], traces[1]
+    return traces[0], traces[1], traces[2]
 
 
 def main(args: argparse.Namespace) -> str:
@@ -980,9 +989,9 @@ def main(args: argparse.Namespace) -> str:
     base = default_sizes(args.workload, torch.device("cuda"))
     sizes = Sizes(args.batch or base.batch, args.text_len or base.text_len, args.frames or base.frames,
                   args.segment_frames)
-    reference, fused = estimate(args.workload, args.config, sizes, c, args.precision, args.frames_per_id)
+    reference, fused, default = estimate(args.workload, args.config, sizes, c, args.precision, args.frames_per_id)
     title = (f"{args.workload}, config {args.config}, batch {sizes.batch}, t_x <= {sizes.text_len}"
              + (f", t_y <= {sizes.frames}" if sizes.frames else "") + f", {args.precision}, on {c.device}")
-    report = format_estimate(reference, fused, c, title)
+    report = format_estimate(reference, fused, c, title, default)
     print(report)
     return report
