@@ -50,6 +50,8 @@ def skip_reason(impl: str, config: str, *, cpu_configs: Optional[Iterable[str]] 
     """
     if not ON_CUDA and impl == "triton":
         return "'triton' needs a CUDA device (the fused Triton kernels do not run on a CPU outside the interpreter)"
+    if not ON_CUDA and impl == "auto":
+        return "'auto' (the default backend) is the reference path on a CPU; on CUDA it picks the families that pay"
     if not ON_CUDA and impl in ("graphs", "fast"):
         return f"'{impl}' needs a CUDA device (CUDA graphs and the fused Triton kernels)"
     if not ON_CUDA and cpu_configs is not None and config not in cpu_configs:

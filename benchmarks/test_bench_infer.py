@@ -25,7 +25,7 @@ from vits_fast.profile import InferStep, Sizes
 CONFIGS = ("tiny", "x-low", "medium", "high")
 CPU_CONFIGS = ("tiny", "x-low")
 CUDA_CONFIGS = ("x-low", "medium", "high")
-INFER_IMPLS = ("reference", "compiled", "triton", "graphs", "fast")
+INFER_IMPLS = ("reference", "compiled", "triton", "auto", "graphs", "fast")
 WHAT = ("rtf-b1", "rtf-b8", "rtf-b32", "ttfa")
 TEXT_LEN = 160 if ON_CUDA else 12
 # config -> impl -> what: consecutive entries share one synthesizer (and its compiled decoder / graphs).
@@ -33,8 +33,8 @@ CASES = [(c, i, w) for c in CONFIGS for i in INFER_IMPLS for w in WHAT]
 
 
 def _build(config: str, impl: str) -> InferStep:
-    backend = "reference" if impl in ("reference", "compiled") else "triton"
-    decoder = {"reference": "eager", "triton": "eager", "compiled": "compiled", "graphs": "graphs",
+    backend = "reference" if impl in ("reference", "compiled") else "auto" if impl == "auto" else "triton"
+    decoder = {"reference": "eager", "triton": "eager", "auto": "eager", "compiled": "compiled", "graphs": "graphs",
                "fast": "compiled+graphs"}[impl]
     return InferStep(config, Sizes(1, TEXT_LEN, 0), DEVICE, backend=backend, decoder=decoder)
 

@@ -23,14 +23,17 @@ CPU_CONFIGS = ("tiny", "x-low")
 CUDA_CONFIGS = ("x-low", "medium", "high")
 CUDA_SIZES = Sizes(32, 200, 800)
 CPU_SIZES = {"tiny": Sizes(1, 8, 24), "x-low": Sizes(1, 8, 16, segment_frames=8)}
-CASES = [(c, p, i) for c in CONFIGS for p in BENCH_DTYPES for i in IMPLS + ("fast",)]
+# "auto": the default backend (the fused families vits_fast.backend.AUTO_FUSED_FROM picks); "fast": every family
+# fused plus the CUDA-graph-compiled decoder and discriminator
+CASES = [(c, p, i) for c in CONFIGS for p in BENCH_DTYPES for i in IMPLS + ("auto", "fast")]
 
 
 @pytest.mark.parametrize("config,precision,impl", CASES, ids=[f"{c}-{p}-{i}" for c, p, i in CASES])
 def test_train_step(benchmark, config, precision, impl):
     skip_unless_runnable(impl, config, cpu_configs=CPU_CONFIGS, cuda_configs=CUDA_CONFIGS)
     sizes = CUDA_SIZES if ON_CUDA else CPU_SIZES[config]
-    step = TrainStep(config, sizes, DEVICE, backend="triton" if impl in ("triton", "fast") else "reference",
+    backend = {"triton": "triton", "fast": "triton", "auto": "auto"}.get(impl, "reference")
+    step = TrainStep(config, sizes, DEVICE, backend=backend,
                      precision=precision, compile=impl in ("compiled", "fast"),
                      compile_mode="reduce-overhead" if impl == "fast" else "default")
     out = step()

@@ -49,6 +49,7 @@ def test_skip_reasons_per_device(monkeypatch, on_cuda):
     assert runs("reference", "tiny") is not on_cuda
     assert runs("reference", "medium") is on_cuda
     assert runs("triton", "x-low") is on_cuda and runs("graphs", "x-low") is on_cuda
+    assert runs("auto", "x-low") is on_cuda  # on a CPU the default backend is the reference path
     assert runs("compiled", "medium") is on_cuda  # medium is CUDA-only; compile is on for it
     assert not runs("compiled", "x-low") and not runs("fast", "high")  # compile selected for medium only
     reason = bench.skip_reason("triton", "x-low")
@@ -77,10 +78,10 @@ def test_suite_collects_every_subject_and_implementation():
         for impl in ("cython", "reference", "compiled", "triton"):
             assert f"{shape}-{impl}" in mas
     for config in ("x-low", "medium", "high"):
-        for impl in ("reference", "compiled", "triton"):
+        for impl in ("reference", "compiled", "triton", "auto", "fast"):
             assert f"{config}-fp32-{impl}" in by_test["test_train_step"]
         for what in ("rtf-b1", "rtf-b8", "rtf-b32", "ttfa"):
-            for impl in ("reference", "compiled", "triton", "graphs", "fast"):
+            for impl in ("reference", "compiled", "triton", "auto", "graphs", "fast"):
                 assert f"{config}-{impl}-{what}" in by_test["test_infer"]
 
 
