@@ -150,8 +150,8 @@ AUTO_FUSED_FROM: Dict[str, Optional[int]] = {
 
 def _auto_fuses(family: Optional[str], x: torch.Tensor) -> bool:
     """``auto``'s choice for a call of ``family`` on ``x`` [B, ..., T] (tensors already on a device)."""
-    if family is None or not eager() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return True  # no family rule, or compiled/captured: the per-call host cost is not paid per call
+    if family is None or not eager():
+        return True  # no family rule; or compiled code, which keeps every family (its graphs hold the fused ops)
     start = AUTO_FUSED_FROM[family]
     return start is not None and x.shape[0] * x.shape[-1] >= start
 
