@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-IMPL_ORDER = ("reference", "cython", "compiled", "triton", "auto", "graphs", "fast")
+IMPL_ORDER = ("reference", "cython", "compiled", "triton", "auto", "graphs", "fast", "dispatcher", "eager")
 
 
 def load(paths: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:

@@ -1,12 +1,13 @@
 """What every kernel family shares: the interpreter flag, rounding stores, the compute-dtype rule, output
-allocation, the device guard and the launch. No kernels of its own.
+allocation, the device guard, the launch and the custom ops' eager fast path. No kernels of its own.
 
 Rules every kernel file follows (``wn``, ``coupling``, ``spline``, ``mas``, ``hifigan``):
 
 * Sections, in this order: the module docstring (what is fused, bytes moved, why the boundary is there);
   ``@triton.jit`` kernels (with the ``COMPILE_CONFIGS`` they are compiled with, read by
   ``tests/test_kernel_compile.py``); launchers (the ``torch.library.custom_op`` functions that check,
-  allocate and launch); custom-op registration (fake tensors and autograd); then the module entry points that
+  allocate and launch, each under :func:`fused_op`, which gives plain eager calls a path around the dispatcher);
+  custom-op registration (fake tensors and autograd); then the module entry points that
   models call (``*_forward``, named after the ``nn.Module.forward`` they replace).
 * Names: kernels ``_<what>_fwd_kernel`` / ``_<what>_bwd_kernel``; a stride argument ``stride_<tensor>_<dim>``
   (``stride_mask_batch``); custom ops ``vits_fast::<what>`` and ``vits_fast::<what>_bwd`` (models,
@@ -25,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch._library.custom_ops import CustomOpDef
 
 # The Triton interpreter (TRITON_INTERPRET=1, how the CPU tests run kernels) converts fp32 -> bf16 by truncation,
 # GPUs round to nearest even. Interpreted stores round explicitly first so that tests see GPU numerics; compiled
@@ -124,6 +126,68 @@ def launch(kernel, grid, ref: torch.Tensor, *args, **kwargs) -> None:
             kernel[grid](*args, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the eager fast path of the custom ops
+
+
+#: The eager fast path of :class:`FusedOp`; ``VITS_FAST_EAGER_OPS=0`` turns it off (every call then goes through
+#: the dispatcher, as before it existed).
+EAGER_OPS = os.environ.get("VITS_FAST_EAGER_OPS", "1").strip() not in ("0", "")
+
+
+def _needs_dispatcher(args) -> bool:
+    """True where a fused op call must go through ``torch.library``'s dispatcher: with :data:`EAGER_OPS` off, while
+    compiling, under a dispatch or function mode (fake tensors, the cost model, operator counters), a functorch
+    transform or the profiler (its tables name the ``vits_fast::`` ops with their input shapes), or with a tensor
+    subclass among ``args``."""
+    return bool(not EAGER_OPS or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled() or torch._C._autograd._profiler_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None
+                or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args))
+
+
+class FusedOp(CustomOpDef):
+    """A ``vits_fast::`` custom op whose plain eager calls skip the dispatcher.
+
+    Through the dispatcher, one call with autograd costs ~37 us of host time on a 2-core CPU (argument defaults,
+    redispatch below autograd, Dynamo's disable wrapper) against ~15 us for the same forward, ``setup_context`` and
+    backward run as a ``torch.autograd.Function`` (the launch itself excluded; measured 2026-12-01). So a call with
+    positional arguments and none of :func:`_needs_dispatcher`'s conditions runs the op's own Python function:
+    directly where no input needs a gradient (``*_bwd`` ops inside a backward, inference), as that
+    ``autograd.Function`` where one does. Everything else, ``torch.compile``, ``opcheck`` and fake tensors included,
+    sees the ordinary custom op.
+    """
+
+    _eager_fn = None
+
+    def register_autograd(self, backward, /, *, setup_context=None) -> None:
+        super().register_autograd(backward, setup_context=setup_context)
+        raw = self._init_fn
+
+        def forward(ctx, *args):  # forward and setup in one: a separate setup_context makes every apply() bind
+            out = raw(*args)      # the arguments to forward's signature through inspect (~10 us)
+            setup_context(ctx, args, out)
+            return out
+
+        self._eager_fn = type(f"{self._name}_eager", (torch.autograd.Function,),
+                              {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def __call__(self, *args, **kwargs):
+        if kwargs or _needs_dispatcher(args):
+            return super().__call__(*args, **kwargs)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            if self._eager_fn is None:
+                return super().__call__(*args)  # no autograd formula: the dispatcher's error, as without this path
+            return self._eager_fn.apply(*args)
+        return self._init_fn(*args)
+
+
+def fused_op(op: CustomOpDef) -> FusedOp:
+    """Give custom op ``op`` the eager fast path of :class:`FusedOp` (a decorator above ``custom_op``)."""
+    op.__class__ = FusedOp
+    return op
 
 
 def config_collector():

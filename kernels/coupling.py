@@ -32,7 +32,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (FLOW_DTYPE_PAIRS, FLOW_SUPPORTED, acc_dtype, cast_for, check_flow_args, compute_dtype, flat_block,
-                      flow_grad_buffers, flow_inputs, launch, load_as, register_flow_autograd)
+                      flow_grad_buffers, flow_inputs, fused_op, launch, load_as, register_flow_autograd)
 
 BLOCK = 1024  # elements of the flattened [C, T] half per program (4 warps: 8 per thread)
 NUM_WARPS = 4
@@ -166,6 +166,7 @@ def _check(x: torch.Tensor, stats: torch.Tensor, x_mask: torch.Tensor, mean_only
     return check_flow_args(x, stats, x_mask, 1 if mean_only else 2, "stats", f" (mean_only={mean_only})")
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::affine_coupling", mutates_args=())
 def affine_coupling(x: torch.Tensor, stats: torch.Tensor, x_mask: torch.Tensor, reverse: bool, flip: bool,
                     mean_only: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +192,7 @@ def affine_coupling(x: torch.Tensor, stats: torch.Tensor, x_mask: torch.Tensor, 
     return out, part.sum(dim=1)
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::affine_coupling_bwd", mutates_args=())
 def affine_coupling_bwd(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
                              x_mask: torch.Tensor, reverse: bool, flip: bool,

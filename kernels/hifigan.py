@@ -106,7 +106,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import (acc_dtype, cast_for, config_collector, flat_block, flat_grid, launch, load_as, mask_arg,
+from ._common import (acc_dtype, cast_for, config_collector, flat_block, flat_grid, fused_op, launch, load_as, mask_arg,
                       promote, sum_to)
 BLOCK = 1024  # elements of the flattened per-item [C*T] block per program (4 warps: 8 per thread)
 
@@ -311,6 +311,7 @@ def _dtypes(data: Tuple[torch.Tensor, ...], mask: Optional[torch.Tensor]) -> Tup
 # ---- activations ----------------------------------------------------------------------------------------------
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::hifigan_act", mutates_args=())
 def hifigan_act(x: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                 slope: float) -> torch.Tensor:
@@ -333,6 +334,7 @@ def hifigan_act(x: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[to
     return xt
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::hifigan_res_act", mutates_args=())
 def hifigan_res_act(y: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor],
                     slope: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -352,6 +354,7 @@ def hifigan_res_act(y: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tenso
     return s, xt
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::hifigan_act_bwd", mutates_args=())
 def hifigan_act_bwd(dxt: torch.Tensor, xt: torch.Tensor, ds: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                     slope: float, out_dtype: torch.dtype) -> torch.Tensor:
@@ -375,6 +378,7 @@ def hifigan_act_bwd(dxt: torch.Tensor, xt: torch.Tensor, ds: Optional[torch.Tens
 # ---- end of a block: MRF sum, and the stage's output activation ----------------------------------------------------
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::hifigan_mrf", mutates_args=())
 def hifigan_mrf(y: torch.Tensor, x: torch.Tensor, acc: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                 num_kernels: int, slope: Optional[float]) -> torch.Tensor:
@@ -398,6 +402,7 @@ def hifigan_mrf(y: torch.Tensor, x: torch.Tensor, acc: Optional[torch.Tensor], m
     return out
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::hifigan_mrf_bwd", mutates_args=())
 def hifigan_mrf_bwd(dout: torch.Tensor, out: torch.Tensor, mask: Optional[torch.Tensor], num_kernels: int,
                     slope: float) -> torch.Tensor:

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import cast_for, launch
+from ._common import cast_for, fused_op, launch
 
 MAX_TEXT = 2048
 MAX_FRAMES = 65536
@@ -226,6 +226,7 @@ def check_sizes(neg_cent: torch.Tensor) -> None:
                          f"(dim 1), got {t_y}; use the CPU path (backend 'reference')")
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::maximum_path", mutates_args=())
 def _maximum_path_op(neg_cent: torch.Tensor, x_lengths: torch.Tensor,
                      y_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

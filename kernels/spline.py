@@ -47,7 +47,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (FLOW_DTYPE_PAIRS, FLOW_SUPPORTED, acc_dtype, cast_for, check_flow_args, compute_dtype,
-                      flow_grad_buffers, flow_inputs, launch, load_as, register_flow_autograd)
+                      flow_grad_buffers, flow_inputs, fused_op, launch, load_as, register_flow_autograd)
 
 from ..transforms import DEFAULT_MIN_BIN_HEIGHT, DEFAULT_MIN_BIN_WIDTH, DEFAULT_MIN_DERIVATIVE
 
@@ -378,6 +378,7 @@ def _launch_args(x: torch.Tensor, num_bins: int) -> dict:
     return dict(ACC=acc_dtype(x), K=num_bins, KP=triton.next_power_of_2(num_bins), BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::rq_spline_coupling", mutates_args=())
 def rq_spline_coupling(x: torch.Tensor, h: torch.Tensor, x_mask: torch.Tensor, inverse: bool, tail_bound: float,
                        size_divisor: float, num_bins: int, min_bin_width: float, min_bin_height: float,
@@ -403,6 +404,7 @@ def rq_spline_coupling(x: torch.Tensor, h: torch.Tensor, x_mask: torch.Tensor, i
     return out, part.sum(dim=(1, 2))
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::rq_spline_coupling_bwd", mutates_args=())
 def rq_spline_coupling_bwd(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
                                 x_mask: torch.Tensor, inverse: bool, tail_bound: float, size_divisor: float,

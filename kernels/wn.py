@@ -75,8 +75,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import (acc_dtype, cast_for, config_collector, flat_block, flat_block_mask, flat_grid, launch, load_as,
-                      mask_arg, promote, sum_to)
+from ._common import (acc_dtype, cast_for, config_collector, flat_block, flat_block_mask, flat_grid, fused_op, launch,
+                      load_as, mask_arg, promote, sum_to)
 BLOCK = 1024  # elements per program of the flattened kernels (4 warps: 8 per thread)
 COND_BLOCK_C, COND_BLOCK_T = 4, 128  # tile of the conditioned gate backward (4 warps: 4 per thread)
 
@@ -305,6 +305,7 @@ COMPILE_CONFIGS = _compile_configs()
 # ---- gate -------------------------------------------------------------------------------------------------
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::wn_gate", mutates_args=())
 def wn_gate(x_in: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
     """``tanh(x_in[:, :h] + g[:, :h]) * sigmoid(x_in[:, h:] + g[:, h:])``.
@@ -323,6 +324,7 @@ def wn_gate(x_in: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
     return acts
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::wn_gate_bwd", mutates_args=())
 def wn_gate_bwd(dacts: torch.Tensor, x_in: torch.Tensor,
                 g: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -348,6 +350,7 @@ def wn_gate_bwd(dacts: torch.Tensor, x_in: torch.Tensor,
 # ---- residual / skip epilogue -------------------------------------------------------------------------------
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::wn_res_skip", mutates_args=())
 def wn_res_skip(x: torch.Tensor, rs: torch.Tensor, skip: Optional[torch.Tensor],
                 mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -369,6 +372,7 @@ def wn_res_skip(x: torch.Tensor, rs: torch.Tensor, skip: Optional[torch.Tensor],
     return xo, so
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::wn_res_skip_bwd", mutates_args=())
 def wn_res_skip_bwd(dxo: torch.Tensor, dso: torch.Tensor, mask: torch.Tensor, x_dtype: torch.dtype,
                     rs_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -387,6 +391,7 @@ def wn_res_skip_bwd(dxo: torch.Tensor, dso: torch.Tensor, mask: torch.Tensor, x_
 # ---- last layer -----------------------------------------------------------------------------------------------
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::wn_out", mutates_args=())
 def wn_out(rs: torch.Tensor, skip: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """The WN output: ``(skip + rs) * mask`` (``rs * mask`` when skip is None).
@@ -405,6 +410,7 @@ def wn_out(rs: torch.Tensor, skip: Optional[torch.Tensor], mask: torch.Tensor) -
     return out
 
 
+@fused_op
 @torch.library.custom_op("vits_fast::wn_out_bwd", mutates_args=())
 def wn_out_bwd(dout: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Gradient of :func:`wn_out` for rs and skip alike: ``dout * mask`` ([b, h, t], dout's dtype)."""

@@ -71,6 +71,7 @@ def test_suite_collects_every_subject_and_implementation():
             for direction in ("fwd", "bwd", "fwd+bwd"):
                 for impl in ("reference", "compiled", "triton"):
                     assert f"{subject}-{config}-fp32-{impl}-{direction}" in by_test["test_kernel"]
+    assert by_test["test_fused_call_host_time"] == {"dispatcher", "eager"}
     mas = by_test["test_mas"]
     shapes = {p.rsplit("-", 1)[0] for p in mas}
     assert len(shapes) >= 2
