@@ -82,14 +82,21 @@ The constants the GPU run did not measure directly, and why they are what they a
   =====================  ========  ===============================================================================
   ``aten_op_s``          33.9 us   reference WaveNet forward (medium, B=32, T=800): 6.66 ms = 192 ops (+ 48 extra
                                    launches)
-  ``custom_op_s``        280 us    fused WaveNet forward: 11.73 ms = 64 aten ops + 32 custom ops x (280 + 13.9 us)
+  ``custom_op_s``        146 us    fused WaveNet forward: 11.73 ms = 64 aten ops + 32 custom ops x (280 + 13.9 us)
+                                   through the dispatcher, x 0.52 for the eager fast path (see below)
   ``autograd_op_s``      17.6 us   fused WaveNet backward: 12.94 ms = 176 autograd ops + 32 custom ops
   ``inference_op_s``     26.2 us   reference synthesis, medium, batch 1: 27.31 ms = 1019 ops under inference_mode
   =====================  ========  ===============================================================================
 
-  A custom op costs ~8 aten ops of host time: the ``torch.library`` Python dispatch and autograd wrapper, the
-  kernel wrapper's checks and ``torch.cuda.device`` context, and Triton's argument binding, on a host whose bare
-  PyTorch launch takes 10.9 us. ``--calibration`` scales all four by the file's ``launch_s.torch`` / 10.9 us.
+  Through ``torch.library``'s dispatcher a custom op cost ~8 aten ops of host time on that host: the Python
+  dispatch and autograd wrapper, the kernel wrapper's checks and ``torch.cuda.device`` context, and Triton's
+  argument binding, on a host whose bare PyTorch launch takes 10.9 us. Since then plain eager calls skip the
+  dispatcher (``kernels._common.FusedOp``); ``benchmarks/test_bench_dispatch.py`` measured the host time of a fused
+  call, forward + backward, at 0.52 of the dispatcher path's on a 2-core CPU (24.4 vs 47.9 us per call, median of
+  three runs, launches excluded), so ``custom_op_s`` is the fitted 280 us x 0.52 = 146 us: **an estimate** until a
+  GPU run measures it (``--custom-op-us 280`` gives the dispatcher path; the fake run itself always goes through
+  the dispatcher, which records the ops). ``--calibration`` scales all four by the file's ``launch_s.torch`` /
+  10.9 us.
 
 ``--calibration FILE`` (the JSON ``benchmarks/calibrate.py`` writes) replaces the device rates and launch costs; the
 other constants have their own flags (see :func:`add_arguments`).
@@ -97,7 +104,7 @@ other constants have their own flags (see :func:`add_arguments`).
 Notes: the estimate against the H200 measurements (first GPU run, 2026-11-30)
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Measured: device median of the benchmark suite (``benchmarks/RESULTS.md``, GPU run 1, "All entries"); estimated: ``--estimate
-h200``. The fit points above are not validations; these are (ms per step or call; ratio = reference / fused):
+h200`` with the dispatcher path's ``--custom-op-us 280`` (the code measured then had no eager fast path). The fit points above are not validations; these are (ms per step or call; ratio = reference / fused):
 
 ==================================  ================  ================  ==============
 workload                            reference         fused             ratio
@@ -159,6 +166,10 @@ aten = torch.ops.aten
 #: Launches cuDNN adds per NHWC convolution pass (two nchwToNhwc, one nhwcToNchw).
 CONV_LAYOUT_KERNELS = 3
 #: Seconds per frame of the fused alignment search's wavefront (H200 profile: 295 us / 800, 936 us / 2048 frames).
+#: Host time of a fused-op call through the eager fast path over the dispatcher path, forward + backward,
+#: measured by ``benchmarks/test_bench_dispatch.py`` on a 2-core CPU (24.4 / 47.9 us, 2026-12-01).
+EAGER_OP_RATIO = 0.52
+
 MAS_STEP_S = 0.4e-6
 #: Host seconds per cell of the Cython alignment search (H200 host: 9.5 ms for 16 x 512 x 2048 cells).
 HOST_MAS_CELL_S = 0.57e-9
@@ -212,7 +223,8 @@ class Constants:
     inference_op_s: float = 26.2e-6
     #: host time of each further kernel one op launches from C++ (cuDNN's layout transposes, foreach chunks)
     extra_launch_s: float = 3e-6
-    custom_op_s: float = 280e-6
+    #: the dispatcher path's fitted 280 us x the eager fast path's measured CPU ratio 0.52 (module docstring)
+    custom_op_s: float = 280e-6 * EAGER_OP_RATIO
     triton_launch_s: float = H200_CALIBRATION["launch_s"]["triton"]
     mas_step_s: float = MAS_STEP_S
     host_mas_cell_s: float = HOST_MAS_CELL_S
