@@ -94,22 +94,24 @@ def test_auto_follows_the_family_table(monkeypatch):
 
     _device_like(monkeypatch)
     gen = Generator(8, 1, [3], [[1, 3]], [2], 8, [4])
-    cases = [(WN(4, 3, 1, 2), False), (ResidualCouplingLayer(4, 4, 3, 1, 2), False), (ConvFlow(4, 4, 3, 2), True),
-             (ResBlock2(4), False)]
-    for module, fused in cases:
-        assert B.AUTO_FUSED_FROM[module.fused_family] is None or fused  # the table says so
-        with vits_fast.backend("auto"):
-            assert B.use_triton(torch.randn(2, 4, 9), module=module) is fused, type(module).__name__
-        with vits_fast.backend("triton"):
-            assert B.use_triton(torch.randn(2, 4, 9), module=module) is True  # triton forces every family
-    start = B.AUTO_FUSED_FROM["hifigan"]
-    with vits_fast.backend("auto"):
+    x = torch.randn(2, 4, 9)
+    # (module, fused without autograd, fused while autograd records)
+    cases = [(WN(4, 3, 1, 2), False, True), (ResidualCouplingLayer(4, 4, 3, 1, 2), False, True),
+             (ConvFlow(4, 4, 3, 2), True, True), (ResBlock2(4), False, False)]
+    for module, inference, training in cases:
+        for grad, fused in ((False, inference), (True, training)):
+            with torch.set_grad_enabled(grad), vits_fast.backend("auto"):
+                assert B.use_triton(x, module=module) is fused, (type(module).__name__, grad)
+            with torch.set_grad_enabled(grad), vits_fast.backend("triton"):
+                assert B.use_triton(x, module=module) is True  # triton forces every family
+    start = B.AUTO_FUSED_FROM["hifigan"][0]
+    with torch.no_grad(), vits_fast.backend("auto"):
         assert B.use_triton(torch.randn(4, 8, start // 4 - 1), module=gen) is False  # batch x time below the rule
         assert B.use_triton(torch.randn(4, 8, start // 4), module=gen) is True
         assert B.use_triton(torch.randn(2, 3, 1), family="mas") is True
         assert B.use_triton(torch.randn(2, 3)) is True  # no family: every fused op where tensors allow
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert B.use_triton(torch.randn(1, 8, 1), module=gen) is True  # compiled: no per-call host cost
+        assert B.use_triton(torch.randn(1, 8, 1), module=gen) is True  # compiled code keeps every family
 
 
 def test_every_fused_family_has_an_auto_rule():

@@ -101,19 +101,20 @@ def _fused_ops_under_auto(run):
 
 
 def test_auto_fuses_only_the_families_that_pay_in_training():
-    """Training under ``auto``: the alignment search and the duration predictor's splines fused, the WaveNet,
-    coupling and decoder families on the reference path (``AUTO_FUSED_FROM``), with the reference's loss."""
+    """Training under ``auto``: the alignment search, the splines, the WaveNet stacks and the coupling flows fused,
+    the decoder (a small window) on the reference path (``AUTO_FUSED_FROM``), with the reference's loss."""
     model, batch = _model_and_batch("cpu")
     ref_loss, ref_attn, _ = _train_pass(model, batch, "reference")
     (loss, attn, _), fused = _fused_ops_under_auto(lambda: _train_pass(model, batch, "auto"))
-    assert fused == {"maximum_path", "rq_spline_coupling"}
+    assert fused == {"maximum_path", "rq_spline_coupling", "wn_gate", "wn_res_skip", "wn_out", "affine_coupling"}
     assert torch.equal(attn, ref_attn)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
 
 
 def test_auto_fuses_the_decoder_from_its_size_rule(monkeypatch):
-    """Synthesis under ``auto``: a decoder call below ``AUTO_FUSED_FROM['hifigan']`` frames (batch x time) runs
-    the reference decoder, one at or above it the fused one, with the same audio."""
+    """Synthesis under ``auto`` (no autograd): the splines fused, the flows on the reference path, and a decoder
+    call below ``AUTO_FUSED_FROM['hifigan']`` frames (batch x time) on the reference decoder, one at or above it on
+    the fused one, with the same audio."""
     import importlib
 
     B = importlib.import_module("vits_fast.backend")  # the module (vits_fast.backend is the context manager)
@@ -126,8 +127,8 @@ def test_auto_fuses_the_decoder_from_its_size_rule(monkeypatch):
             return model.infer(x, x_lengths, sid=sid, noise_scale=0.0, noise_scale_w=0.0)[0]
 
     small, fused = _fused_ops_under_auto(infer)
-    assert not any(name.startswith("hifigan_") for name in fused)
-    monkeypatch.setitem(B.AUTO_FUSED_FROM, "hifigan", int(x.shape[0]))  # one frame per item reaches the rule
+    assert fused == {"rq_spline_coupling"}
+    monkeypatch.setitem(B.AUTO_FUSED_FROM, "hifigan", (int(x.shape[0]), None))  # one frame per item reaches it
     large, fused = _fused_ops_under_auto(infer)
-    assert {"hifigan_act", "hifigan_mrf"} <= fused
+    assert fused == {"rq_spline_coupling", "hifigan_act", "hifigan_res_act", "hifigan_mrf"}
     torch.testing.assert_close(large, small, rtol=1e-4, atol=1e-5)

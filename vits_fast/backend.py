@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -129,22 +129,26 @@ def eager() -> bool:
     return not (_exporting() or torch.compiler.is_compiling())
 
 
-#: What ``auto`` runs fused in eager execution, per kernel family (a module's ``fused_family``): the work, in
-#: frames (batch x time of the module's input), from which the family's kernels run; ``None``: never (backend
-#: ``triton`` still forces them). The fused kernels move their bytes at 90-117 % of the copy ceiling, but each
-#: custom-op call costs ~0.2 ms of host time on the measured host, so a family pays only where it removes host
-#: synchronisations or enough bytes. Sources: ``benchmarks/RESULTS.md``, GPU run 1 (H200, medium, fp32), and for
-#: the decoder the cost model (``benchmarks/ESTIMATES.md``).
-AUTO_FUSED_FROM: Dict[str, Optional[int]] = {
-    "mas": 0,          # alignment search: 19-83x the NumPy search, 1.4-9.8x the Cython one (measured)
-    "spline": 0,       # duration predictor's spline flows: 2.3x forward + backward, no host syncs (measured)
-    "wn": None,        # WaveNet stack: 0.65x forward + backward at B=32, T=800 (measured; host-bound)
-    "coupling": None,  # coupling flows: 0.76x forward + backward at B=32, T=800 (measured; host-bound)
-    # HiFi-GAN decoder (the Generator): ESTIMATE, not measured -- the fused decoder pays in synthesis from
-    # ~13 x 320 frames (cost model, H100: reference decoder better at 3840 frames, fused at 4480); a training
-    # window (32 x 32 frames) and batch-1 synthesis stay on the reference decoder.
-    "hifigan": 4096,
-    "resblock": None,  # a ResBlock on its own; inside a fused Generator its work is fused with the Generator's
+#: What ``auto`` runs fused in eager execution, per kernel family (a module's ``fused_family``): from how many
+#: frames (batch x time of the module's input) the family's kernels run, (without autograd, with autograd
+#: recording, i.e. synthesis and training); ``None``: never (backend ``triton`` still forces every family). The
+#: kernels move their bytes at 90-117 % of the copy ceiling (H200), but each call costs host time (~0.15 ms per
+#: call on the measured host, estimated for the eager fast path), so a family pays where it removes host
+#: synchronisations, or where the device time it saves is not hidden behind the host: in a training step's
+#: backward (device-bound) or on large batches. Sources: ``benchmarks/RESULTS.md`` (GPU run 1: H200, medium, fp32)
+#: and the cost model (``benchmarks/ESTIMATES.md``, "The default backend"), H100 estimates, medium.
+AUTO_FUSED_FROM: Dict[str, Tuple[Optional[int], Optional[int]]] = {
+    "mas": (0, 0),         # alignment search: 19-83x the NumPy search, 1.4-9.8x the Cython one (measured)
+    "spline": (0, 0),      # duration predictor's splines: 2.3x forward + backward, no host syncs (measured)
+    # WaveNet stack and coupling flows: alone they measured 0.65x / 0.76x forward + backward (B=32, T=800, through
+    # the dispatcher: host-bound). ESTIMATE: inside a training step each saves ~3 ms (the backward is device-bound),
+    # in synthesis each costs (host-bound forward).
+    "wn": (None, 0),
+    "coupling": (None, 0),
+    # HiFi-GAN decoder (the Generator), ESTIMATE: fused is better from 8 x 320 frames of synthesis (21.82 vs 21.97
+    # ms), the reference at 7 x 320 (21.46 vs 21.82) and at a training window (32 x 32 frames: -1.2 ms per step).
+    "hifigan": (2400, 2400),
+    "resblock": (None, None),  # a ResBlock on its own; in a fused Generator its work is fused with the Generator's
 }
 
 
@@ -152,7 +156,7 @@ def _auto_fuses(family: Optional[str], x: torch.Tensor) -> bool:
     """``auto``'s choice for a call of ``family`` on ``x`` [B, ..., T] (tensors already on a device)."""
     if family is None or not eager():
         return True  # no family rule; or compiled code, which keeps every family (its graphs hold the fused ops)
-    start = AUTO_FUSED_FROM[family]
+    start = AUTO_FUSED_FROM[family][torch.is_grad_enabled()]
     return start is not None and x.shape[0] * x.shape[-1] >= start
 
 
