@@ -218,9 +218,15 @@ def sum_to(t: torch.Tensor, shape) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
+def cdiv(n: int, d: int) -> int:
+    """``ceil(n / d)`` for host-side grid sizes (``triton.cdiv`` is a constexpr function: ~2.6 us per host call
+    on a 2-core CPU, against ~0.05 us for this)."""
+    return -(-n // d)
+
+
 def flat_grid(n: int, b: int, block: int) -> Tuple[int, int]:
     """The grid of a :func:`flat_block` kernel over ``b`` items of ``n`` elements each."""
-    return (triton.cdiv(n, block), b)
+    return (cdiv(n, block), b)
 
 
 TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}

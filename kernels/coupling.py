@@ -181,7 +181,7 @@ def affine_coupling(x: torch.Tensor, stats: torch.Tensor, x_mask: torch.Tensor, 
     B, C, T = _check(x, stats, x_mask, mean_only)
     x, stats, mask, cdt = flow_inputs(x, stats, x_mask)
     out = _common.empty(x.shape, x.dtype, x.device)
-    n_blk = triton.cdiv(C * T, BLOCK)
+    n_blk = _common.cdiv(C * T, BLOCK)
     if mean_only:
         part = torch.zeros(B, 1, device=x.device, dtype=cdt)
     else:
@@ -203,7 +203,7 @@ def affine_coupling_bwd(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: to
     x, stats, mask, grad_out, grad_logdet, grad_x, grad_stats = flow_grad_buffers(grad_out, grad_logdet, x, stats,
                                                                                   x_mask)
     if grad_x.numel():
-        launch(_coupling_bwd_kernel, (triton.cdiv(C * T, BLOCK), B), x, x, stats, mask, grad_out, grad_logdet, grad_x,
+        launch(_coupling_bwd_kernel, (_common.cdiv(C * T, BLOCK), B), x, x, stats, mask, grad_out, grad_logdet, grad_x,
                grad_stats, C, T, int(reverse), int(flip), MEAN_ONLY=bool(mean_only), ACC=acc_dtype(x), BLOCK=BLOCK,
                num_warps=NUM_WARPS)
     return grad_x, grad_stats

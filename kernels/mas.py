@@ -245,11 +245,11 @@ def _maximum_path_op(neg_cent: torch.Tensor, x_lengths: torch.Tensor,
     xl = x_lengths.to(device=dev, dtype=torch.int32)
     yl = y_lengths.to(device=dev, dtype=torch.int32)
     block_x = block_x_for(t_x)
-    bits = _common.empty((b, triton.cdiv(t_y, 32), block_x), torch.int32, dev)
+    bits = _common.empty((b, _common.cdiv(t_y, 32), block_x), torch.int32, dev)
     idx = _common.empty((b, t_y), torch.int32, dev)
     launch(_mas_fwd_kernel, (b,), neg_cent, neg_cent, xl, yl, bits, idx, t_y, t_x, neg_cent.stride(0),
            neg_cent.stride(1), BLOCK_X=block_x, num_warps=fwd_warps(block_x), num_stages=1)
-    launch(_mas_path_kernel, (b, triton.cdiv(t_x, PATH_BLOCK_X)), neg_cent, idx, xl, yl, path, dur, t_y, t_x,
+    launch(_mas_path_kernel, (b, _common.cdiv(t_x, PATH_BLOCK_X)), neg_cent, idx, xl, yl, path, dur, t_y, t_x,
            BLOCK_Y=PATH_BLOCK_Y, BLOCK_X=PATH_BLOCK_X, num_warps=PATH_WARPS)
     return path.to(dtype), dur.to(dtype)
 

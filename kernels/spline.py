@@ -395,7 +395,7 @@ def rq_spline_coupling(x: torch.Tensor, h: torch.Tensor, x_mask: torch.Tensor, i
     B, C, T = _check(x, h, x_mask, num_bins)
     x, h, mask, cdt = flow_inputs(x, h, x_mask)
     out = _common.empty(x.shape, x.dtype, x.device)
-    n_tb = triton.cdiv(T, BLOCK_T)
+    n_tb = _common.cdiv(T, BLOCK_T)
     part = _common.empty((B, C, n_tb), cdt, x.device)
     if out.numel():
         launch(_spline_fwd_kernel, (n_tb, C, B), x, x, h, mask, out, part, C, T, n_tb, int(inverse),
@@ -415,7 +415,7 @@ def rq_spline_coupling_bwd(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x:
     B, C, T = _check(x, h, x_mask, num_bins)
     x, h, mask, grad_out, grad_logdet, grad_x, grad_h = flow_grad_buffers(grad_out, grad_logdet, x, h, x_mask)
     if grad_x.numel():
-        launch(_spline_bwd_kernel, (triton.cdiv(T, BLOCK_T), C, B), x, x, h, mask, grad_out, grad_logdet, grad_x,
+        launch(_spline_bwd_kernel, (_common.cdiv(T, BLOCK_T), C, B), x, x, h, mask, grad_out, grad_logdet, grad_x,
                grad_h, C, T, int(inverse), float(tail_bound), float(size_divisor), float(min_bin_width),
                float(min_bin_height), float(min_derivative), **_launch_args(x, num_bins))
     return grad_x, grad_h

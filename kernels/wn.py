@@ -341,7 +341,7 @@ def wn_gate_bwd(dacts: torch.Tensor, x_in: torch.Tensor,
     else:
         dg = _common.empty((b, h2, 1), g.dtype, g.device)
         if b * h:
-            launch(_gate_cond_bwd_kernel, (triton.cdiv(h, COND_BLOCK_C), b), x_in, dacts, x_in, g, dx, dg, h, t,
+            launch(_gate_cond_bwd_kernel, (_common.cdiv(h, COND_BLOCK_C), b), x_in, dacts, x_in, g, dx, dg, h, t,
                    g.stride(0), g.stride(1), ACC=acc_dtype(x_in, dacts, g), BLOCK_C=COND_BLOCK_C,
                    BLOCK_T=COND_BLOCK_T)
     return dx, dg
