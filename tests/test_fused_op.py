@@ -98,3 +98,17 @@ def test_double_backward_is_refused_on_both_paths(monkeypatch):
         (gx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
         with pytest.raises(RuntimeError):
             torch.autograd.grad(gx.sum(), x)
+
+
+@pytest.mark.parametrize("name,op,build,diff", [CASES[0], CASES[3]], ids=[CASES[0][0], CASES[3][0]])
+def test_fast_path_equals_the_dispatcher_under_autocast(monkeypatch, name, op, build, diff):
+    """bf16 autocast: the custom op is not cast by autocast on either path, and its inner ops see the same state."""
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _run(op, lambda d: tuple(a.bfloat16() if isinstance(a, torch.Tensor) and i == 0 else a
+                                            for i, a in enumerate(build(d))), diff, seed=13)
+    fast_outs, fast_grads = run()
+    monkeypatch.setattr(_common, "EAGER_OPS", False)
+    outs, grads = run()
+    for a, b in zip(fast_outs + fast_grads, outs + grads):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -35,7 +35,10 @@ path side by side, from one run on fake tensors (:mod:`vits_fast.costmodel`; eve
 The workload builders here (:class:`TrainStep`, :class:`InferStep`, :func:`make_kernel_case`) are also what the
 benchmark suite in ``benchmarks/`` times, so a benchmark and a profile of the same subject run the same code.
 Backward ops run outside the forward stage ranges (autograd replays them later), so in ``train-step`` the
-backward pass is its own stage.
+backward pass is its own stage. Under the profiler the fused ops go through ``torch.library``'s dispatcher (so that
+the tables name them with their shapes), not through the eager fast path of ``kernels._common.FusedOp`` that an
+unprofiled run takes: the profiled host time of a fused op is the dispatcher path's (about twice the fast path's,
+by ``benchmarks/test_bench_dispatch.py``); the benchmarks time the fast path.
 """
 
 from __future__ import annotations
