@@ -1,5 +1,6 @@
-"""Fused subjects: WN stack, spline ConvFlow, affine coupling flow; forward, backward and forward+backward. And a
-candidate for the discriminators: their (k, 1) 2-D convolutions run as 1-D convolutions (``test_period_layout``).
+"""Fused subjects: WN stack, spline ConvFlow, affine coupling flow; forward, backward and forward+backward. And the
+period discriminators' fast path (family ``period``, off under ``auto`` until measured): their (k, 1) 2-D
+convolutions run as 1-D convolutions (``test_period_layout``).
 
 Shapes (CUDA, Piper-sized): WN = the posterior encoder's ``WN(hidden, 5, 1, 16)`` on ``[32, hidden, 800]``;
 spline = one SDP ``ConvFlow(2, hidden, 3, 3)`` on ``[32, 2, 200]`` with ``g [32, hidden, 200]``; coupling = the prior
@@ -16,10 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torch.nn import functional as F
-
 from _bench import BENCH_DTYPES, DEVICE, DTYPES, IMPLS, ON_CUDA, measure, skip_unless_runnable
-from vits_fast.models import DiscriminatorP, MultiPeriodDiscriminator
+from vits_fast.models import DiscriminatorP, MultiPeriodDiscriminator, _period_forward_folded
 from vits_fast.profile import Sizes, backward_inputs, make_kernel_case
 
 SUBJECTS = ("wn", "spline", "coupling")
@@ -81,41 +80,13 @@ def test_kernel(benchmark, case_cache, subject, config, dtype, impl, direction):
 PERIOD_SIZES = (32, 8192) if ON_CUDA else (1, 2048)
 
 
-def folded_period_forward(disc: DiscriminatorP, x: torch.Tensor):
-    """``DiscriminatorP.forward`` (x [b, 1, t] -> (scores [b, n], feature maps)) with every (k, 1) convolution run
-    as a 1-D convolution over the frames, the period folded into the batch: the same products and sums
-    (bit-identical on this CPU), in a layout cuDNN may serve better. The H200 profile of GPU run 1 ran the 2-D
-    convolutions' backward at about a tenth of the 1-D rate (``vits_fast.costmodel.CONV_EFFICIENCY``); this entry
-    measures whether the layout is the cause before any model uses it. Weight norm only (Piper's default)."""
-    b, c, t = x.shape
-    p = disc.period
-    if t % p:
-        x = F.pad(x, (0, p - t % p), "reflect")
-        t = x.shape[-1]
-    h = x.view(b, c, t // p, p).permute(0, 3, 1, 2).reshape(b * p, c, t // p)  # [b * p, c, frames]
-
-    def conv(layer, h):
-        weight = torch._weight_norm(layer.weight_v, layer.weight_g, 0)[..., 0]  # [out, in, k]
-        return F.conv1d(h, weight, layer.bias, stride=layer.stride[0], padding=layer.padding[0])
-
-    def as_2d(h):  # [b * p, ch, frames] -> the module's [b, ch, frames, p]
-        return h.view(b, p, h.shape[1], h.shape[2]).permute(0, 2, 3, 1)
-
-    fmap = []
-    for layer in disc.convs:
-        h = F.leaky_relu(conv(layer, h), disc.LRELU_SLOPE)
-        fmap.append(as_2d(h))
-    fmap.append(as_2d(conv(disc.conv_post, h)))
-    return torch.flatten(fmap[-1], 1, -1), fmap
-
-
 @pytest.mark.parametrize("impl", ["reference", "folded-conv1d"])
 def test_period_layout(benchmark, impl):
     torch.manual_seed(0)
     discs = [d for d in MultiPeriodDiscriminator().to(DEVICE).discriminators if isinstance(d, DiscriminatorP)]
     b, t = PERIOD_SIZES
     x = torch.randn(b, 1, t, device=DEVICE, requires_grad=True)
-    forward = (lambda d: d(x)) if impl == "reference" else (lambda d: folded_period_forward(d, x))
+    forward = (lambda d: d(x)) if impl == "reference" else (lambda d: _period_forward_folded(d, x))
     params = [p for d in discs for p in d.parameters()]
 
     def fn():
@@ -126,7 +97,7 @@ def test_period_layout(benchmark, impl):
     # The candidate computes what the module computes: scores, every feature map and the input gradient.
     tol = dict(rtol=1e-2, atol=1e-3) if ON_CUDA else dict(rtol=1e-5, atol=1e-6)  # CUDA: TF32 convolutions
     for d in discs:
-        (s_ref, f_ref), (s_new, f_new) = d(x), folded_period_forward(d, x)
+        (s_ref, f_ref), (s_new, f_new) = d(x), _period_forward_folded(d, x)
         torch.testing.assert_close(s_new, s_ref, **tol)
         for a, r in zip(f_new, f_ref):
             torch.testing.assert_close(a, r, **tol)

@@ -377,3 +377,45 @@ def test_decoder_drops_a_mask_without_padding():
     padded, n_padded = muls((torch.arange(9) < torch.tensor([9, 6])[:, None]).float()[:, None])
     assert torch.equal(ones, plain) and n_ones == n_plain
     assert n_padded > n_plain and not torch.equal(padded[1], plain[1])  # the padding is masked
+
+
+def test_period_discriminators_folded_equal_the_2d_convolutions(monkeypatch):
+    """The ``period`` fast path (backend triton): scores, feature maps (values and layout) and every gradient equal
+    the 2-D convolutions', for lengths that need the reflect pad; spectral-norm discriminators keep the 2-D path."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # backend 'triton' accepts CPU tensors (nothing launches here)
+    calls = []
+    folded = models._period_forward_folded
+    monkeypatch.setattr(models, "_period_forward_folded", lambda d, x: calls.append(d.period) or folded(d, x))
+    torch.manual_seed(0)
+    mpd = vits_fast.MultiPeriodDiscriminator()
+    x = torch.randn(2, 1, 1000)  # 1000 is a multiple of 2 and 5, not of 3, 7 or 11
+
+    def run(name):
+        xg = x.clone().requires_grad_(True)
+        mpd.zero_grad(set_to_none=True)
+        with vits_fast.backend(name):
+            _, scores, _, fmaps = mpd(xg, xg * 0.5)
+        loss = sum((s * torch.linspace(-1, 1, s.shape[-1])).sum() for s in scores)
+        loss = loss + sum((f * f.detach().sign()).mean() for fm in fmaps for f in fm)
+        loss.backward()
+        return scores, fmaps, xg.grad, {n: p.grad.clone() for n, p in mpd.named_parameters()}
+
+    ref = run("reference")
+    assert calls == []
+    got = run("triton")
+    assert sorted(set(calls)) == [2, 3, 5, 7, 11]
+    for a, b in zip(got[0], ref[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for fa, fb in zip(got[1], ref[1]):
+        for a, b in zip(fa, fb):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)
+    for name, g in ref[3].items():
+        torch.testing.assert_close(got[3][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+    calls.clear()
+    sn = models.DiscriminatorP(3, use_spectral_norm=True)
+    with vits_fast.backend("triton"):
+        sn(x)
+    assert calls == []

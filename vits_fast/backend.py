@@ -149,6 +149,10 @@ AUTO_FUSED_FROM: Dict[str, Tuple[Optional[int], Optional[int]]] = {
     # ms), the reference at 7 x 320 (21.46 vs 21.82) and at a training window (32 x 32 frames: -1.2 ms per step).
     "hifigan": (2400, 2400),
     "resblock": (None, None),  # a ResBlock on its own; in a fused Generator its work is fused with the Generator's
+    # Period discriminators as 1-D convolutions (a layout, not a Triton kernel). ESTIMATE: -36 ms per medium
+    # training step, because the model rates folded convolutions at the 1-D efficiency; unmeasured, so off until
+    # the GPU suite's ``test_period_layout`` shows it.
+    "period": (None, None),
 }
 
 
