@@ -253,6 +253,34 @@ def test_masked_padding_decodes_like_alone():
     assert batch[1, :, 30:].abs().max() == 0
 
 
+@pytest.mark.parametrize("resblock", ["1", "2"])
+def test_fused_generator_equals_upstream_generator(resblock):
+    """The fused decoder against upstream Piper's own ``Generator`` (piper1-gpl, same weights, speaker
+    conditioning), in float64: output and the gradients of the latent, the conditioning and every weight. A plain
+    call, so the custom ops take their eager fast path."""
+    upstream = pytest.importorskip("piper.train.vits.models", reason="upstream Piper's model code comes with "
+                                   "`pip install piper-tts` (the test extra installs it)")
+    kwargs = _gen_kwargs(resblock, 4)
+    ours = _make_gen(resblock, 4, seed=21)
+    theirs = upstream.Generator(**kwargs).double().to(DEVICE)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 5, 11, dtype=torch.float64, device=DEVICE)
+    g = torch.randn(2, 4, 1, dtype=torch.float64, device=DEVICE)
+    gout = torch.randn(2, 1, 66, dtype=torch.float64, device=DEVICE)
+
+    def run(model, name):
+        xs, gs = x.clone().requires_grad_(True), g.clone().requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        with backend(name):
+            out = model(xs, g=gs)
+        (out * gout).sum().backward()
+        return out.detach(), dict(x=xs.grad, g=gs.grad, **{n: p.grad for n, p in model.named_parameters()})
+
+    ref_out, ref_grads = run(theirs, "reference")
+    out, grads = run(ours, "triton")
+    assert_all_match_reference(out, grads, ref_out, ref_grads)
+
+
 def test_synthesizer_dec_uses_fused_kernels():
     """``SynthesizerTrn.dec`` on the triton backend launches the fused ops and equals the reference Generator."""
     torch.manual_seed(0)
