@@ -120,3 +120,19 @@ def test_every_fused_family_has_an_auto_rule():
     families = {cls.fused_family for mod in (models, modules) for cls in vars(mod).values()
                 if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and hasattr(cls, "fused_family")}
     assert families | {"mas"} == set(B.AUTO_FUSED_FROM)
+
+
+def test_describe_names_what_runs_fused(monkeypatch):
+    monkeypatch.setattr(B, "triton_importable", lambda: True)
+    cuda = torch.device("cuda")
+    with vits_fast.backend("auto"):
+        assert B.describe(cuda, training=True) == ("backend auto (training): fused mas, spline, wn, coupling; "
+                                                   "hifigan from 2400 frames; reference resblock, period")
+        assert B.describe(cuda, training=False) == ("backend auto (synthesis): fused mas, spline; hifigan from 2400 "
+                                                    "frames; reference wn, coupling, resblock, period")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert B.describe(torch.device("cpu"), training=True) == "backend auto: the reference path"
+    with vits_fast.backend("triton"):
+        assert B.describe(cuda, training=True) == "backend triton: every fused family"
+    with vits_fast.backend("reference"):
+        assert B.describe(cuda, training=True) == "backend reference: the reference path"

@@ -164,6 +164,21 @@ def _auto_fuses(family: Optional[str], x: torch.Tensor) -> bool:
     return start is not None and x.shape[0] * x.shape[-1] >= start
 
 
+def describe(device: torch.device, training: bool) -> str:
+    """One line on what the current backend runs fused on ``device`` (for run logs)."""
+    name = current_backend()
+    if name == "reference" or (device.type != "cuda" and not interpreter_enabled()) or not triton_importable():
+        return f"backend {name}: the reference path"
+    if name == "triton":
+        return "backend triton: every fused family"
+    rules = {f: r[training] for f, r in AUTO_FUSED_FROM.items()}
+    always = [f for f, r in rules.items() if r == 0]
+    sized = [f"{f} from {r} frames" for f, r in rules.items() if r]
+    never = [f for f, r in rules.items() if r is None]
+    return (f"backend auto ({'training' if training else 'synthesis'}): fused {', '.join(always) or 'none'}"
+            + (f"; {', '.join(sized)}" if sized else "") + f"; reference {', '.join(never) or 'none'}")
+
+
 def use_triton(*tensors: torch.Tensor, module: Optional[nn.Module] = None, family: Optional[str] = None) -> bool:
     """Decide whether a fused op runs its Triton kernel for these tensors.
 

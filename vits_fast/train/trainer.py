@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from .. import checkpoint as ckpt_lib
+from ..backend import describe as describe_backend
 from ..config import (TINY_AUDIO, TINY_DISCRIMINATOR_DIVISOR, TINY_SEGMENT_SAMPLES, AudioConfig,
                       model_kwargs as preset_model_kwargs, shrink_discriminator, tiny_preset_kwargs)
 from ..convert import load_checkpoint_or_voice
@@ -405,6 +406,7 @@ class Trainer:
                          "process(es), %d batches per epoch", len(train), len(val), self.model_kwargs["n_speakers"],
                          self.audio.sample_rate, self.phoneme_type, batch_size, self.world,
                          self.sampler.batches_per_epoch())
+            _LOGGER.info("%s", describe_backend(self.device, training=True))
 
     def _loader(self, dataset: TTSDataset, batch_sampler: Any, epoch: int) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
