@@ -120,7 +120,7 @@ def _totals(trace, c):
 
 
 def test_estimates_move_the_right_way_with_overrides(tiny_train):
-    (_, fused, _), c = tiny_train
+    (reference, fused, _), c = tiny_train
     dev, host = _totals(fused, c)
     slow_mem = dataclasses.replace(c, copy_bytes_per_s=c.copy_bytes_per_s / 4)
     assert _totals(fused, slow_mem)[0] > dev
@@ -128,8 +128,9 @@ def test_estimates_move_the_right_way_with_overrides(tiny_train):
     assert _totals(fused, dataclasses.replace(c, aten_op_s=c.aten_op_s * 2))[1] > host
     assert _totals(fused, dataclasses.replace(c, custom_op_s=c.custom_op_s * 2))[1] > host
     assert _totals(fused, dataclasses.replace(c, triton_launch_s=c.triton_launch_s * 2))[1] > host
+    # (at the tiny size the fused path's convolutions are all memory-bound; the reference's 2-D ones are not)
     fast = dataclasses.replace(c, conv_flops={k: v * 10 for k, v in c.conv_flops.items()})
-    assert _totals(fused, fast)[0] < dev
+    assert _totals(reference, fast)[0] < _totals(reference, c)[0]
 
 
 def test_cli_flags_and_calibration_file(tmp_path, capsys):
