@@ -49,6 +49,9 @@ def test_invalid_names_are_rejected(monkeypatch):
 
 
 def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    # Triton reads TRITON_INTERPRET when it is first imported: import it before the variable is turned off here,
+    # or every kernel imported later in this process would be compiled for a GPU instead of interpreted
+    B.triton_importable()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with vits_fast.backend("triton"):
         with pytest.raises(B.BackendError, match="needs CUDA tensors"):
