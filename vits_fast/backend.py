@@ -10,9 +10,10 @@ The backend is resolved at call time, most specific first:
 ``auto`` uses Triton only when every tensor involved is on CUDA and Triton imports, and then, in eager
 execution, only for the kernel families that pay there (:data:`AUTO_FUSED_FROM`: measured on a GPU, or estimated
 by the cost model where no measurement exists yet). ``reference`` never uses it. ``triton`` insists on every
-family: where Triton cannot run it raises :class:`BackendError` instead of falling back silently. CPU tensors run Triton only under the interpreter (``TRITON_INTERPRET=1``, set before Triton is
-imported), which is how the test-suite checks kernels on machines without a GPU. ONNX export, TorchScript
-and tracing always take the reference path.
+family: where Triton cannot run it raises :class:`BackendError` instead of falling back silently. CPU tensors
+run Triton only under the interpreter (``TRITON_INTERPRET=1``, set before Triton is imported), which is how the
+test-suite checks kernels on machines without a GPU. ONNX export, TorchScript and tracing always take the
+reference path.
 """
 
 from __future__ import annotations
