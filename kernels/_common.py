@@ -151,9 +151,10 @@ def _needs_dispatcher(args) -> bool:
 class FusedOp(CustomOpDef):
     """A ``vits_fast::`` custom op whose plain eager calls skip the dispatcher.
 
-    Through the dispatcher, one call with autograd costs ~37 us of host time on a 2-core CPU (argument defaults,
-    redispatch below autograd, Dynamo's disable wrapper) against ~15 us for the same forward, ``setup_context`` and
-    backward run as a ``torch.autograd.Function`` (the launch itself excluded; measured 2026-12-01). So a call with
+    Through the dispatcher, a fused call (forward and backward) costs ~48 us of host time on a 2-core CPU
+    (argument defaults, redispatch below autograd, Dynamo's disable wrapper), against ~24 us for the same forward,
+    ``setup_context`` and backward run as a ``torch.autograd.Function`` (launches excluded;
+    ``benchmarks/test_bench_dispatch.py``, 2026-12-01). So a call with
     positional arguments and none of :func:`_needs_dispatcher`'s conditions runs the op's own Python function:
     directly where no input needs a gradient (``*_bwd`` ops inside a backward, inference), as that
     ``autograd.Function`` where one does. Everything else, ``torch.compile``, ``opcheck`` and fake tensors included,
