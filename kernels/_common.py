@@ -152,7 +152,7 @@ class FusedOp(CustomOpDef):
     """A ``vits_fast::`` custom op whose plain eager calls skip the dispatcher.
 
     Through the dispatcher, a fused call (forward and backward) costs ~48 us of host time on a 2-core CPU
-    (argument defaults, redispatch below autograd, Dynamo's disable wrapper), against ~24 us for the same forward,
+    (argument defaults, redispatch below autograd, Dynamo's disable wrapper), against ~25 us for the same forward,
     ``setup_context`` and backward run as a ``torch.autograd.Function`` (launches excluded;
     ``benchmarks/test_bench_dispatch.py``, 2026-12-01). So a call with
     positional arguments and none of :func:`_needs_dispatcher`'s conditions runs the op's own Python function:

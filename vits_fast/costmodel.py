@@ -92,7 +92,7 @@ The constants the GPU run did not measure directly, and why they are what they a
   dispatch and autograd wrapper, the kernel wrapper's checks and ``torch.cuda.device`` context, and Triton's
   argument binding, on a host whose bare PyTorch launch takes 10.9 us. Since then plain eager calls skip the
   dispatcher (``kernels._common.FusedOp``); ``benchmarks/test_bench_dispatch.py`` measured the host time of a fused
-  call, forward + backward, at 0.52 of the dispatcher path's on a 2-core CPU (24.4 vs 47.9 us per call, median of
+  call, forward + backward, at 0.52 of the dispatcher path's on a 2-core CPU (24.9 vs 47.9 us per call, median of
   three runs, launches excluded), so ``custom_op_s`` is the fitted 280 us x 0.52 = 146 us: **an estimate** until a
   GPU run measures it (``--custom-op-us 280`` gives the dispatcher path; the fake run itself always goes through
   the dispatcher, which records the ops). ``--calibration`` scales all four by the file's ``launch_s.torch`` /
@@ -165,11 +165,11 @@ aten = torch.ops.aten
 
 #: Launches cuDNN adds per NHWC convolution pass (two nchwToNhwc, one nhwcToNchw).
 CONV_LAYOUT_KERNELS = 3
-#: Seconds per frame of the fused alignment search's wavefront (H200 profile: 295 us / 800, 936 us / 2048 frames).
 #: Host time of a fused-op call through the eager fast path over the dispatcher path, forward + backward,
-#: measured by ``benchmarks/test_bench_dispatch.py`` on a 2-core CPU (24.4 / 47.9 us, 2026-12-01).
+#: measured by ``benchmarks/test_bench_dispatch.py`` on a 2-core CPU (24.9 / 47.9 us, medians of three runs,
+#: 2026-12-01).
 EAGER_OP_RATIO = 0.52
-
+#: Seconds per frame of the fused alignment search's wavefront (H200 profile: 295 us / 800, 936 us / 2048 frames).
 MAS_STEP_S = 0.4e-6
 #: Host seconds per cell of the Cython alignment search (H200 host: 9.5 ms for 16 x 512 x 2048 cells).
 HOST_MAS_CELL_S = 0.57e-9
