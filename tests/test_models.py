@@ -419,3 +419,17 @@ def test_period_discriminators_folded_equal_the_2d_convolutions(monkeypatch):
     with vits_fast.backend("triton"):
         sn(x)
     assert calls == []
+
+
+def test_current_weight_follows_the_weight_norm_parameters():
+    """``commons.current_weight`` gives the weight the next forward uses (the legacy hook's attribute is stale
+    after an update of ``weight_g``/``weight_v`` until that forward runs), for any norm dimension."""
+    for dim in (0, 1):
+        conv = commons.weight_norm(torch.nn.Conv2d(3, 4, (5, 1)), dim=dim)
+        with torch.no_grad():
+            conv.weight_g.mul_(2.0)
+        expected = torch._weight_norm(conv.weight_v, conv.weight_g, dim)
+        assert not torch.allclose(conv.weight, expected)  # the attribute still holds the old weight
+        torch.testing.assert_close(commons.current_weight(conv), expected)
+    plain = torch.nn.Conv1d(2, 2, 3)
+    assert commons.current_weight(plain) is plain.weight

@@ -38,6 +38,17 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
         return torch.nn.utils.remove_weight_norm(module, name=name)
 
 
+def current_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """``module``'s ``name`` as its next forward would use it: a legacy weight norm's hook recomputes it from
+    ``<name>_g``/``<name>_v`` (the attribute itself holds the previous forward's value); otherwise the attribute."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return hook.compute_weight(module)
+    return getattr(module, name)
+
+
 def spectral_norm(module: nn.Module) -> nn.Module:
     """Spectral norm as used by the discriminators when ``use_spectral_norm`` is set."""
     return torch.nn.utils.spectral_norm(module)

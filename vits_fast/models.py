@@ -374,7 +374,7 @@ class DiscriminatorP(nn.Module):
 
 def _period_forward_folded(disc: DiscriminatorP, x: torch.Tensor):
     """``DiscriminatorP.forward`` with each (k, 1) convolution run as a 1-D convolution of the [b * period, ch,
-    frames] batch (weight norm, or none). The feature maps are views in the module's [b, ch, frames, period] layout
+    frames] batch (weight norm or none; spectral norm keeps the 2-D path). The feature maps are views in the module's [b, ch, frames, period] layout
     (no copy); the scores are the module's."""
     b, c, t = x.shape
     p = disc.period
@@ -384,8 +384,8 @@ def _period_forward_folded(disc: DiscriminatorP, x: torch.Tensor):
     h = x.view(b, c, t // p, p).permute(0, 3, 1, 2).reshape(b * p, c, t // p)
 
     def conv(layer: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
-        w = torch._weight_norm(layer.weight_v, layer.weight_g, 0) if hasattr(layer, "weight_v") else layer.weight
-        return F.conv1d(h, w[..., 0], layer.bias, stride=layer.stride[0], padding=layer.padding[0])
+        return F.conv1d(h, commons.current_weight(layer)[..., 0], layer.bias, stride=layer.stride[0],
+                        padding=layer.padding[0])
 
     def as_2d(h: torch.Tensor) -> torch.Tensor:
         return h.view(b, p, h.shape[1], h.shape[2]).permute(0, 2, 3, 1)
