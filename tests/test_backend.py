@@ -84,37 +84,32 @@ def test_context_is_thread_local():
     assert seen["other"] == B.current_backend()  # the other thread never saw this thread's block
 
 
-def _device_like(monkeypatch):
-    """CPU tensors count as device tensors for ``auto`` (what it sees on a GPU)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(B, "triton_importable", lambda: True)
-    monkeypatch.setattr(B, "_AUDIT_AS_DEVICE", True)
-
-
 def test_auto_follows_the_family_table(monkeypatch):
     from vits_fast.models import Generator
     from vits_fast.modules import ConvFlow, ResBlock2, ResidualCouplingLayer
 
-    _device_like(monkeypatch)
-    gen = Generator(8, 1, [3], [[1, 3]], [2], 8, [4])
-    x = torch.randn(2, 4, 9)
-    # (module, fused without autograd, fused while autograd records)
-    cases = [(WN(4, 3, 1, 2), False, True), (ResidualCouplingLayer(4, 4, 3, 1, 2), False, True),
-             (ConvFlow(4, 4, 3, 2), True, True), (ResBlock2(4), False, False)]
-    for module, inference, training in cases:
-        for grad, fused in ((False, inference), (True, training)):
-            with torch.set_grad_enabled(grad), vits_fast.backend("auto"):
-                assert B.use_triton(x, module=module) is fused, (type(module).__name__, grad)
-            with torch.set_grad_enabled(grad), vits_fast.backend("triton"):
-                assert B.use_triton(x, module=module) is True  # triton forces every family
-    start = B.AUTO_FUSED_FROM["hifigan"][0]
-    with torch.no_grad(), vits_fast.backend("auto"):
-        assert B.use_triton(torch.randn(4, 8, start // 4 - 1), module=gen) is False  # batch x time below the rule
-        assert B.use_triton(torch.randn(4, 8, start // 4), module=gen) is True
-        assert B.use_triton(torch.randn(2, 3, 1), family="mas") is True
-        assert B.use_triton(torch.randn(2, 3)) is True  # no family: every fused op where tensors allow
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert B.use_triton(torch.randn(1, 8, 1), module=gen) is True  # compiled code keeps every family
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(B, "triton_importable", lambda: True)
+    with B.host_as_device():  # CPU tensors count as device tensors for auto (what it sees on a GPU)
+        gen = Generator(8, 1, [3], [[1, 3]], [2], 8, [4])
+        x = torch.randn(2, 4, 9)
+        # (module, fused without autograd, fused while autograd records)
+        cases = [(WN(4, 3, 1, 2), False, True), (ResidualCouplingLayer(4, 4, 3, 1, 2), False, True),
+                 (ConvFlow(4, 4, 3, 2), True, True), (ResBlock2(4), False, False)]
+        for module, inference, training in cases:
+            for grad, fused in ((False, inference), (True, training)):
+                with torch.set_grad_enabled(grad), vits_fast.backend("auto"):
+                    assert B.use_triton(x, module=module) is fused, (type(module).__name__, grad)
+                with torch.set_grad_enabled(grad), vits_fast.backend("triton"):
+                    assert B.use_triton(x, module=module) is True  # triton forces every family
+        start = B.AUTO_FUSED_FROM["hifigan"][0]
+        with torch.no_grad(), vits_fast.backend("auto"):
+            assert B.use_triton(torch.randn(4, 8, start // 4 - 1), module=gen) is False  # batch x time below the rule
+            assert B.use_triton(torch.randn(4, 8, start // 4), module=gen) is True
+            assert B.use_triton(torch.randn(2, 3, 1), family="mas") is True
+            assert B.use_triton(torch.randn(2, 3)) is True  # no family: every fused op where tensors allow
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+            assert B.use_triton(torch.randn(1, 8, 1), module=gen) is True  # compiled code keeps every family
 
 
 def test_every_fused_family_has_an_auto_rule():
